@@ -1,0 +1,28 @@
+//! soclink: a log collection agent and SOC relay.
+//!
+//! Data flows one way through these modules:
+//!
+//! - [`config`]: the agent's and relay's TOML configuration, defaults and validation.
+//! - [`event`]: the Event record and its NDJSON encoding (one JSON object per line).
+//! - [`batch`]: groups encoded events into batches, gzip-compresses each once, and
+//!   describes it with a [`batch::BatchMeta`] that travels with it.
+//! - [`sources`]: where events come from (files today).
+//! - [`spool`]: the durable, segmented on-disk queue; the one durability boundary.
+//! - [`agent`]: wires sources → batcher → spool → shipper together.
+//! - [`protocol`]: the wire frames between agent and relay, with hard limits.
+//! - [`tls`]: rustls configurations from PEM files; identity from certificates.
+//! - [`certs`]: throwaway development certificates (`soclink certs dev`).
+//! - [`relay`]: the receiving end: TLS server, dedupe, durable store.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod batch;
+pub mod certs;
+pub mod config;
+pub mod event;
+pub mod protocol;
+pub mod relay;
+pub mod sources;
+pub mod spool;
+pub mod tls;
+pub mod util;
