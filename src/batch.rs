@@ -1,1 +1,38 @@
-//! (to be written)
+//! Batches: the unit that is compressed, spooled, shipped, acknowledged and stored.
+//!
+//! A batch is NDJSON (one encoded [`crate::event`] per line) compressed **once** into
+//! a single gzip member. It is described by a [`BatchMeta`], which the spool keeps next
+//! to the gzip bytes and the wire protocol turns into the batch frame's header.
+
+use serde::{Deserialize, Serialize};
+
+/// What the spool stores next to a batch's gzip bytes (JSON-encoded).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchMeta {
+    /// Source name from the config; becomes a folder name at the relay.
+    pub source: String,
+    /// UTC day (`YYYY-MM-DD`) of the batch's events; a batch never spans two days, so
+    /// the relay appends it to exactly one store file.
+    pub day: String,
+    /// Number of events (NDJSON lines) in the batch; the relay checks it.
+    pub events: u32,
+    /// Uncompressed length in bytes; the relay bounds inflation by it.
+    pub raw_bytes: u64,
+    /// Set when the batch was received from someone else (a forwarding relay): the
+    /// original agent identity and stream position, which the top relay dedupes on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+    /// Source-specific resume position after this batch (e.g. file offsets). Opaque to
+    /// everything but the source that wrote it; lets a restart resume exactly after the
+    /// last durable batch even when the checkpoint file is older.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<serde_json::Value>,
+}
+
+/// Identity and position of a batch as first spooled by its agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub agent: String,
+    pub stream: String,
+    pub seq: u64,
+}
