@@ -1,1 +1,387 @@
-//! (to be written)
+//! The agent: wires sources → compression → spool (→ shipper) and owns shutdown.
+//!
+//! ```text
+//! source threads --SealedBatch--> compressor --(ordered handles)--> spool writer
+//!                                 (blocking pool, both cores)        append, fsync,
+//!                                                                    cursor → checkpoints
+//! ```
+//!
+//! Ordering and durability: batches are compressed in parallel but appended in the
+//! order they were sealed; a source's position advances (in memory, then in the
+//! checkpoint file) only after the batch holding its lines was fsynced into the spool.
+//! The checkpoint file may lag: the spool keeps every record the file does not yet
+//! reflect and [`Agent::open`] replays their cursors.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use flate2::write::GzEncoder;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::BatchMeta;
+use crate::config::{AgentConfig, SourceKind};
+use crate::sources::checkpoint::{Checkpoints, FilePos};
+use crate::sources::file::{BatchLimits, FileSource, SourceStats};
+use crate::sources::SealedBatch;
+use crate::ship::Shipper;
+use crate::spool::{Spool, SpoolOptions};
+use crate::tls::ReloadableClientConfig;
+
+/// The stream name of an agent's routine log spool on the wire.
+pub const LOG_STREAM: &str = "logs";
+
+/// How often the checkpoint file is rewritten while batches flow.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Most batches appended before one fsync (group commit).
+const GROUP_MAX: usize = 32;
+
+/// A batch after compression, waiting to be appended.
+struct Compressed {
+    meta: BatchMeta,
+    gzip: Vec<u8>,
+}
+
+/// Live figures shared with status reporting.
+#[derive(Default)]
+pub struct AgentStats {
+    pub sources: Vec<(String, Arc<SourceStats>)>,
+}
+
+/// The agent's on-disk state, opened and recovered.
+pub struct Agent {
+    cfg: AgentConfig,
+    spool: Spool,
+    checkpoints: Checkpoints,
+    _lock: File,
+}
+
+/// Compress NDJSON into one gzip member (no name, zero mtime: same bytes every time).
+pub fn compress(raw: &[u8], level: u32) -> Vec<u8> {
+    let mut enc = GzEncoder::new(
+        Vec::with_capacity(raw.len() / 4 + 64),
+        flate2::Compression::new(level),
+    );
+    // Writing into a Vec cannot fail.
+    let _ = enc.write_all(raw);
+    enc.finish().unwrap_or_default()
+}
+
+/// Take the state directory's lock so two agents never share a spool.
+pub fn lock_state_dir(state_dir: &Path) -> Result<File> {
+    crate::util::create_dir_all_durable(state_dir)
+        .with_context(|| format!("cannot create state_dir {}", state_dir.display()))?;
+    let path = state_dir.join("lock");
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another soclink process is using state_dir {} (lock {} is held)",
+            state_dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
+impl Agent {
+    /// Lock the state directory, recover the spool and rebuild source positions.
+    pub fn open(cfg: AgentConfig) -> Result<Agent> {
+        let lock = lock_state_dir(&cfg.state_dir)?;
+        let spool_dir = cfg.state_dir.join("spool");
+        let (spool, recovery) = Spool::open(
+            &spool_dir,
+            SpoolOptions {
+                max_size: cfg.spool.max_size,
+                ..SpoolOptions::default()
+            },
+        )
+        .with_context(|| format!("cannot open the spool in {}", spool_dir.display()))?;
+        for m in &recovery.messages {
+            tracing::warn!("spool recovery: {m}");
+        }
+        let ck_path = Checkpoints::path(&cfg.state_dir);
+        let mut checkpoints = match Checkpoints::load(&ck_path) {
+            Ok(c) => c,
+            Err(e) => {
+                let aside = ck_path.with_extension("json.corrupt");
+                let _ = std::fs::rename(&ck_path, &aside);
+                tracing::error!("{e}; moved it to {} and starting without checkpoints (files are read again per start_at; the relay drops nothing it already has only if sequences match, so expect duplicates of recent lines)", aside.display());
+                Checkpoints::default()
+            }
+        };
+        let mut replayed = 0;
+        for rec in spool.records_from(checkpoints.spool_seq + 1)? {
+            let rec = rec?;
+            if let Ok(meta) = serde_json::from_slice::<BatchMeta>(&rec.meta) {
+                if let Some(cursor) = &meta.cursor {
+                    checkpoints.apply(&meta.source, cursor);
+                }
+            }
+            checkpoints.spool_seq = rec.seq;
+            replayed += 1;
+        }
+        if replayed > 0 {
+            tracing::info!(
+                "replayed the positions of {replayed} spooled batches newer than the checkpoint file"
+            );
+        }
+        Ok(Agent {
+            cfg,
+            spool,
+            checkpoints,
+            _lock: lock,
+        })
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    /// Run sources and the pipeline until `shutdown`; then stop sources, spool what
+    /// they hold, write checkpoints and return.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let Agent {
+            cfg,
+            spool,
+            checkpoints,
+            _lock,
+        } = self;
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let (tx, rx) = mpsc::channel::<SealedBatch>(cpus * 2);
+        let stop_sources = CancellationToken::new();
+        let mut threads = Vec::new();
+        let mut stats = AgentStats::default();
+        for s in &cfg.sources {
+            let SourceKind::File(fcfg) = &s.kind;
+            let positions: Vec<FilePos> = checkpoints
+                .sources
+                .get(&s.name)
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default();
+            let st = Arc::new(SourceStats::default());
+            stats.sources.push((s.name.clone(), st.clone()));
+            let src = FileSource::new(
+                s.name.clone(),
+                cfg.host.clone(),
+                fcfg.clone(),
+                BatchLimits {
+                    max_bytes: cfg.spool.batch_max_bytes,
+                    max_delay: cfg.spool.batch_max_delay,
+                },
+                positions,
+                tx.clone(),
+                stop_sources.clone(),
+                st,
+            );
+            let name = s.name.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("source-{name}"))
+                    .spawn(move || src.run())
+                    .context("cannot start a source thread")?,
+            );
+        }
+        drop(tx);
+        let (htx, hrx) = mpsc::channel::<JoinHandle<Compressed>>(cpus + 1);
+        let level = cfg.spool.compression_level;
+        let compressor = tokio::spawn(compress_stage(rx, htx, level));
+        let writer = tokio::spawn(write_stage(
+            hrx,
+            spool.clone(),
+            checkpoints,
+            Checkpoints::path(&cfg.state_dir),
+            shutdown.clone(),
+        ));
+        let ship_stop = CancellationToken::new();
+        let shipper = match &cfg.upstream {
+            Some(up) => {
+                let shipper = Shipper::new(up.clone(), spool.clone(), LOG_STREAM)?;
+                let tls = shipper.tls();
+                spawn_reload_on_hup(tls, shutdown.clone());
+                let st = ship_stop.clone();
+                Some(tokio::spawn(async move { shipper.run(st).await }))
+            }
+            None => None,
+        };
+        tracing::info!(
+            "agent {:?} started: {} source(s), state in {}",
+            cfg.id,
+            cfg.sources.len(),
+            cfg.state_dir.display()
+        );
+        shutdown.cancelled().await;
+        tracing::info!("stopping: sealing and spooling what the sources hold");
+        stop_sources.cancel();
+        tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await?;
+        compressor.await?;
+        writer.await??;
+        // Give the link a moment to get the last batches acknowledged; anything still
+        // unacknowledged stays in the spool for the next start.
+        ship_stop.cancel();
+        if let Some(s) = shipper {
+            s.await??;
+        }
+        tracing::info!("stopped cleanly");
+        Ok(())
+    }
+}
+
+async fn compress_stage(
+    mut rx: mpsc::Receiver<SealedBatch>,
+    out: mpsc::Sender<JoinHandle<Compressed>>,
+    level: u32,
+) {
+    while let Some(b) = rx.recv().await {
+        let h = tokio::task::spawn_blocking(move || {
+            let gzip = compress(&b.raw, level);
+            Compressed {
+                meta: BatchMeta {
+                    source: b.source,
+                    day: b.day,
+                    events: b.events,
+                    raw_bytes: b.raw.len() as u64,
+                    origin: None,
+                    cursor: b.cursor,
+                },
+                gzip,
+            }
+        });
+        if out.send(h).await.is_err() {
+            break;
+        }
+    }
+}
+
+async fn write_stage(
+    mut rx: mpsc::Receiver<JoinHandle<Compressed>>,
+    spool: Spool,
+    mut checkpoints: Checkpoints,
+    ck_path: PathBuf,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let mut last_store = Instant::now();
+    let mut dirty = false;
+    let mut full_logged = false;
+    let mut acked = spool.watch_acked();
+    loop {
+        let Some(first) = rx.recv().await else {
+            break;
+        };
+        let mut group = vec![first.await?];
+        while group.len() < GROUP_MAX {
+            match rx.try_recv() {
+                Ok(h) => group.push(h.await?),
+                Err(_) => break,
+            }
+        }
+        // A full spool pauses everything upstream of here: the channel fills and the
+        // source threads block. Nothing is lost: their files are their buffer.
+        while spool.is_full() {
+            if !full_logged {
+                tracing::warn!("spool is full ({} bytes): sources are paused until the upstream acknowledges batches", spool.stats().bytes);
+                full_logged = true;
+            }
+            tokio::select! {
+                r = acked.changed() => { if r.is_err() { break; } }
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown.cancelled() => {
+                    // Unspooled batches are dropped: their positions never advanced, so
+                    // the sources read those lines again after the restart.
+                    store_checkpoints(&spool, &checkpoints, &ck_path).await?;
+                    return Ok(());
+                }
+            }
+        }
+        if full_logged {
+            tracing::info!("spool has room again: sources resume");
+            full_logged = false;
+        }
+        let sp = spool.clone();
+        let group = tokio::task::spawn_blocking(move || -> Result<Vec<(u64, BatchMeta)>> {
+            let mut done = Vec::with_capacity(group.len());
+            for c in group {
+                let meta = serde_json::to_vec(&c.meta)?;
+                let seq = sp.append(&meta, &c.gzip)?;
+                done.push((seq, c.meta));
+            }
+            sp.commit()?;
+            Ok(done)
+        })
+        .await??;
+        for (seq, meta) in group {
+            if let Some(cursor) = &meta.cursor {
+                checkpoints.apply(&meta.source, cursor);
+            }
+            checkpoints.spool_seq = seq;
+            dirty = true;
+        }
+        if dirty && last_store.elapsed() >= CHECKPOINT_EVERY {
+            store_checkpoints(&spool, &checkpoints, &ck_path).await?;
+            last_store = Instant::now();
+            dirty = false;
+        }
+    }
+    store_checkpoints(&spool, &checkpoints, &ck_path).await?;
+    Ok(())
+}
+
+async fn store_checkpoints(spool: &Spool, ck: &Checkpoints, path: &Path) -> Result<()> {
+    let ck = ck.clone();
+    let path = path.to_path_buf();
+    let spool = spool.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        ck.store(&path)
+            .with_context(|| format!("cannot write checkpoints {}", path.display()))?;
+        spool.set_checkpointed(ck.spool_seq)?;
+        Ok(())
+    })
+    .await?
+}
+
+/// Positions by source, for status and tests.
+pub fn positions(ck: &Checkpoints) -> HashMap<String, Vec<FilePos>> {
+    ck.sources
+        .iter()
+        .map(|(k, v)| (k.clone(), v.values().cloned().collect()))
+        .collect()
+}
+
+/// SIGHUP: re-read the TLS certificate and key (rotation without a restart). A failed
+/// reload keeps the old ones and says why.
+fn spawn_reload_on_hup(tls: Arc<ReloadableClientConfig>, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let Ok(mut hup) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match tls.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+                    Err(e) => tracing::error!("SIGHUP: keeping the old certificates: {e}"),
+                },
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    });
+}

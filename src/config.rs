@@ -1,1 +1,810 @@
-//! (to be written)
+//! Configuration: the agent's and the relay's TOML files, their defaults, and validation.
+//!
+//! Key names are a contract with users (see `config/agent.toml`). Parsing happens in two
+//! steps: serde reads a raw, span-carrying form (unknown keys are errors), then
+//! validation turns it into the typed config and collects *every* problem with its line
+//! and column, so `soclink check-config` can list them all at once.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::util::{line_col, HumanDuration, Size};
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/soclink";
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/soclink/control.sock";
+pub const DEFAULT_RELAY_STATE_DIR: &str = "/var/lib/soclink-relay";
+pub const DEFAULT_RELAY_CONTROL_SOCKET: &str = "/run/soclink/relay.sock";
+
+/// One problem found in a config file, located by line and column (1-based).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if p.line == 0 {
+                write!(f, "{}: error: {}", self.path.display(), p.message)?;
+            } else {
+                write!(
+                    f,
+                    "{}:{}:{}: error: {}",
+                    self.path.display(),
+                    p.line,
+                    p.col,
+                    p.message
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Collects problems while validating, translating byte spans into line/column.
+struct Problems<'a> {
+    text: &'a str,
+    list: Vec<Problem>,
+}
+
+impl<'a> Problems<'a> {
+    fn new(text: &'a str) -> Self {
+        Problems {
+            text,
+            list: Vec::new(),
+        }
+    }
+    fn at(&mut self, span: std::ops::Range<usize>, message: impl Into<String>) {
+        let (line, col) = line_col(self.text, span.start);
+        self.list.push(Problem {
+            line,
+            col,
+            message: message.into(),
+        });
+    }
+    fn global(&mut self, message: impl Into<String>) {
+        self.list.push(Problem {
+            line: 0,
+            col: 0,
+            message: message.into(),
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Agent
+// ---------------------------------------------------------------------------------------
+
+/// The validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Agent identity used in logs and status (the relay uses the certificate's instead).
+    pub id: String,
+    /// Host name stamped into every event's `host` field.
+    pub host: String,
+    pub state_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub sources: Vec<SourceConfig>,
+    pub spool: SpoolSettings,
+    pub upstream: Option<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub name: String,
+    pub kind: SourceKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum SourceKind {
+    File(FileSourceConfig),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartAt {
+    Beginning,
+    End,
+}
+
+#[derive(Debug, Clone)]
+pub struct FileSourceConfig {
+    pub include: Vec<String>,
+    pub exclude: Vec<glob::Pattern>,
+    pub start_at: StartAt,
+    pub max_line_bytes: u64,
+    /// A last line without its newline is emitted after the file was idle this long.
+    pub partial_line_timeout: Duration,
+    /// Glob re-expansion period: the fallback for when inotify overflows or is missing.
+    pub rescan_interval: Duration,
+    /// How long a file that left its path (rotated or deleted) stays open after its last
+    /// new byte, for writers that keep appending to it until they reopen.
+    pub rotate_wait: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SpoolSettings {
+    pub max_size: u64,
+    pub batch_max_bytes: u64,
+    pub batch_max_delay: Duration,
+    pub compression_level: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// `host:port` of the relay.
+    pub address: String,
+    /// TLS name the relay's certificate must carry.
+    pub server_name: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// `host:port` of an HTTP CONNECT proxy.
+    pub proxy: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    id: Option<Spanned<String>>,
+    state_dir: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
+    #[serde(default)]
+    source: Vec<Spanned<RawSource>>,
+    #[serde(default)]
+    spool: RawSpool,
+    upstream: Option<Spanned<RawUpstream>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    name: Spanned<String>,
+    #[serde(rename = "type")]
+    kind: Spanned<String>,
+    include: Option<Vec<Spanned<String>>>,
+    exclude: Option<Vec<Spanned<String>>>,
+    start_at: Option<StartAt>,
+    max_line_bytes: Option<Spanned<Size>>,
+    partial_line_timeout: Option<HumanDuration>,
+    rescan_interval: Option<Spanned<HumanDuration>>,
+    rotate_wait: Option<HumanDuration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSpool {
+    max_size: Option<Spanned<Size>>,
+    batch_max_bytes: Option<Spanned<Size>>,
+    batch_max_delay: Option<Spanned<HumanDuration>>,
+    compression_level: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    address: Spanned<String>,
+    server_name: Option<String>,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    proxy: Option<Spanned<String>>,
+}
+
+/// Read and validate an agent config file.
+pub fn load_agent(path: &Path) -> Result<AgentConfig, ConfigError> {
+    let text = read(path)?;
+    parse_agent(&text).map_err(|problems| ConfigError {
+        path: path.to_path_buf(),
+        problems,
+    })
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        path: path.to_path_buf(),
+        problems: vec![Problem {
+            line: 0,
+            col: 0,
+            message: format!("cannot read config file: {e}"),
+        }],
+    })
+}
+
+fn toml_problem(text: &str, e: toml::de::Error) -> Vec<Problem> {
+    let (line, col) = e.span().map_or((0, 0), |s| line_col(text, s.start));
+    vec![Problem {
+        line,
+        col,
+        message: e.message().trim().to_string(),
+    }]
+}
+
+/// Parse and validate agent config text; every problem is returned.
+pub fn parse_agent(text: &str) -> Result<AgentConfig, Vec<Problem>> {
+    let raw: RawAgent = toml::from_str(text).map_err(|e| toml_problem(text, e))?;
+    let mut p = Problems::new(text);
+    let host = hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".to_string());
+    let id = match raw.id {
+        Some(id) => {
+            if let Err(why) = check_name(id.get_ref()) {
+                p.at(id.span(), format!("`id` {why}"));
+            }
+            id.into_inner()
+        }
+        None => host.clone(),
+    };
+    let mut names = HashSet::new();
+    let mut sources = Vec::new();
+    if raw.source.is_empty() {
+        p.global("no [[source]] configured: the agent would collect nothing");
+    }
+    for s in raw.source {
+        let span = s.span();
+        let s = s.into_inner();
+        if let Err(why) = check_name(s.name.get_ref()) {
+            p.at(s.name.span(), format!("source `name` {why}"));
+        } else if !names.insert(s.name.get_ref().clone()) {
+            p.at(
+                s.name.span(),
+                format!("duplicate source name {:?}", s.name.get_ref()),
+            );
+        }
+        match s.kind.get_ref().as_str() {
+            "file" => {
+                if let Some(f) = file_source(&s, span, &mut p) {
+                    sources.push(SourceConfig {
+                        name: s.name.into_inner(),
+                        kind: SourceKind::File(f),
+                    });
+                }
+            }
+            other => p.at(
+                s.kind.span(),
+                format!("unknown source type {other:?}: supported types are \"file\""),
+            ),
+        }
+    }
+    let spool = spool_settings(raw.spool, &mut p);
+    let upstream = raw.upstream.and_then(|u| upstream(u, &mut p));
+    if !p.list.is_empty() {
+        return Err(p.list);
+    }
+    Ok(AgentConfig {
+        id,
+        host,
+        state_dir: raw
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        control_socket: raw
+            .control_socket
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+        sources,
+        spool,
+        upstream,
+    })
+}
+
+fn file_source(
+    s: &RawSource,
+    span: std::ops::Range<usize>,
+    p: &mut Problems,
+) -> Option<FileSourceConfig> {
+    let mut ok = true;
+    let include: Vec<String> = match &s.include {
+        Some(v) if !v.is_empty() => v.iter().map(|g| g.get_ref().clone()).collect(),
+        _ => {
+            p.at(
+                span.clone(),
+                format!(
+                    "source {:?}: a file source needs `include` (a list of paths or globs)",
+                    s.name.get_ref()
+                ),
+            );
+            return None;
+        }
+    };
+    for g in s.include.iter().flatten() {
+        let pat = g.get_ref();
+        if !Path::new(pat).is_absolute() {
+            p.at(
+                g.span(),
+                format!("include pattern {pat:?} must be an absolute path"),
+            );
+            ok = false;
+        } else if let Err(e) = glob::Pattern::new(pat) {
+            p.at(g.span(), format!("bad glob {pat:?}: {e}"));
+            ok = false;
+        }
+    }
+    let mut exclude = Vec::new();
+    for g in s.exclude.iter().flatten() {
+        match glob::Pattern::new(g.get_ref()) {
+            Ok(pat) => exclude.push(pat),
+            Err(e) => {
+                p.at(g.span(), format!("bad glob {:?}: {e}", g.get_ref()));
+                ok = false;
+            }
+        }
+    }
+    let max_line_bytes = s.max_line_bytes.as_ref().map_or(1 << 20, |m| m.get_ref().0);
+    if let Some(m) = &s.max_line_bytes {
+        if !(16..=(256 << 20)).contains(&max_line_bytes) {
+            p.at(m.span(), "max_line_bytes must be between 16B and 256MiB");
+            ok = false;
+        }
+    }
+    let rescan_interval = s
+        .rescan_interval
+        .as_ref()
+        .map_or(Duration::from_secs(1), |d| d.get_ref().0);
+    if let Some(d) = &s.rescan_interval {
+        if d.get_ref().0 < Duration::from_millis(10) {
+            p.at(d.span(), "rescan_interval must be at least 10ms");
+            ok = false;
+        }
+    }
+    ok.then(|| FileSourceConfig {
+        include,
+        exclude,
+        start_at: s.start_at.unwrap_or(StartAt::Beginning),
+        max_line_bytes,
+        partial_line_timeout: s
+            .partial_line_timeout
+            .map_or(Duration::from_secs(5), |d| d.0),
+        rescan_interval,
+        rotate_wait: s.rotate_wait.map_or(Duration::from_secs(5), |d| d.0),
+    })
+}
+
+fn spool_settings(raw: RawSpool, p: &mut Problems) -> SpoolSettings {
+    let mut s = SpoolSettings {
+        max_size: 20 << 30,
+        batch_max_bytes: 1 << 20,
+        batch_max_delay: Duration::from_secs(1),
+        compression_level: 6,
+    };
+    if let Some(v) = raw.max_size {
+        if v.get_ref().0 < (1 << 20) {
+            p.at(v.span(), "spool.max_size must be at least 1MiB");
+        }
+        s.max_size = v.get_ref().0;
+    }
+    if let Some(v) = raw.batch_max_bytes {
+        if !(1024..=(64 << 20)).contains(&v.get_ref().0) {
+            p.at(v.span(), "spool.batch_max_bytes must be between 1KiB and 64MiB");
+        }
+        s.batch_max_bytes = v.get_ref().0;
+    }
+    if let Some(v) = raw.batch_max_delay {
+        if v.get_ref().0.is_zero() {
+            p.at(v.span(), "spool.batch_max_delay must be greater than zero");
+        }
+        s.batch_max_delay = v.get_ref().0;
+    }
+    if let Some(v) = raw.compression_level {
+        match u32::try_from(*v.get_ref()) {
+            Ok(l) if l <= 9 => s.compression_level = l,
+            _ => p.at(
+                v.span(),
+                "spool.compression_level must be 0 (none) to 9 (smallest)",
+            ),
+        }
+    }
+    s
+}
+
+fn upstream(u: Spanned<RawUpstream>, p: &mut Problems) -> Option<UpstreamConfig> {
+    let u = u.into_inner();
+    let address = u.address.get_ref().clone();
+    let Some(host) = host_of(&address) else {
+        p.at(
+            u.address.span(),
+            format!("upstream.address {address:?} must be host:port, e.g. \"center.example.gov.tw:6514\""),
+        );
+        return None;
+    };
+    let proxy = match u.proxy {
+        Some(px) => match parse_proxy(px.get_ref()) {
+            Ok(hp) => Some(hp),
+            Err(why) => {
+                p.at(px.span(), why);
+                return None;
+            }
+        },
+        None => None,
+    };
+    Some(UpstreamConfig {
+        server_name: u.server_name.unwrap_or_else(|| host.to_string()),
+        address,
+        ca: u.ca,
+        cert: u.cert,
+        key: u.key,
+        proxy,
+    })
+}
+
+/// The host part of `host:port` or `[v6]:port`, if the port is valid.
+pub fn host_of(address: &str) -> Option<&str> {
+    let (host, port) = address.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    (!host.is_empty()).then_some(host)
+}
+
+fn parse_proxy(s: &str) -> Result<String, String> {
+    let rest = s.strip_prefix("http://").ok_or_else(|| {
+        format!("upstream.proxy {s:?} must be an http:// URL of a CONNECT proxy")
+    })?;
+    let hostport = rest.trim_end_matches('/');
+    if host_of(hostport).is_none() {
+        return Err(format!(
+            "upstream.proxy {s:?} must name host and port, e.g. \"http://proxy.example:3128\""
+        ));
+    }
+    Ok(hostport.to_string())
+}
+
+/// Names that become folder names at the relay must be one safe path component.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > 128 {
+        return Err("must be at most 128 bytes".into());
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err(format!(
+            "{name:?} must not start with '.' or '-' (it becomes a folder name at the relay)"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{name:?} contains {c:?}: use letters, digits, '.', '_' and '-' only (it becomes a folder name at the relay)"
+        ));
+    }
+    Ok(())
+}
+
+impl AgentConfig {
+    /// A one-paragraph summary of what this agent will do, for `check-config`.
+    pub fn summary(&self) -> String {
+        let mut out = format!(
+            "Agent {:?} on host {:?} keeps its spool and checkpoints in {} (spool limit {}).",
+            self.id,
+            self.host,
+            self.state_dir.display(),
+            Size(self.spool.max_size)
+        );
+        out.push_str(&format!(
+            " It collects {} source{}:",
+            self.sources.len(),
+            if self.sources.len() == 1 { "" } else { "s" }
+        ));
+        for (i, s) in self.sources.iter().enumerate() {
+            match &s.kind {
+                SourceKind::File(f) => {
+                    let matching = crate::sources::file::expand(&f.include, &f.exclude).len();
+                    out.push_str(&format!(
+                        "{} {:?} tails files matching {}{} ({} matching now), starting at the {} of files it has never seen, lines up to {}",
+                        if i == 0 { "" } else { ";" },
+                        s.name,
+                        f.include.join(", "),
+                        if f.exclude.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                " except {}",
+                                f.exclude.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")
+                            )
+                        },
+                        matching,
+                        match f.start_at {
+                            StartAt::Beginning => "beginning",
+                            StartAt::End => "end",
+                        },
+                        Size(f.max_line_bytes)
+                    ));
+                }
+            }
+        }
+        out.push_str(&format!(
+            ". Events are batched up to {} or {} and gzip-compressed once at level {}.",
+            Size(self.spool.batch_max_bytes),
+            HumanDuration(self.spool.batch_max_delay),
+            self.spool.compression_level
+        ));
+        match &self.upstream {
+            Some(u) => out.push_str(&format!(
+                " Batches are shipped over mutual TLS to {} (certificate name {:?}){}.",
+                u.address,
+                u.server_name,
+                u.proxy
+                    .as_ref()
+                    .map(|p| format!(" through the HTTP proxy {p}"))
+                    .unwrap_or_default()
+            )),
+            None => out.push_str(
+                " There is no [upstream]: batches stay in the local spool (see `soclink spool dump`).",
+            ),
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Relay
+// ---------------------------------------------------------------------------------------
+
+/// The validated relay configuration.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub listen: Vec<String>,
+    pub state_dir: PathBuf,
+    pub store_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Identity of this relay when it forwards (defaults to the host name).
+    pub id: String,
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Largest decompressed batch accepted: the gzip-bomb bound.
+    pub max_batch_bytes: u64,
+    pub upstream: Option<UpstreamConfig>,
+    pub spool: SpoolSettings,
+    /// PEM CRL files; client certificates listed there are refused.
+    pub crls: Vec<PathBuf>,
+    /// Certificate identities (downstream relays) allowed to send batches on behalf of
+    /// other agents. Anyone else can only ever send its own.
+    pub trusted_forwarders: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelay {
+    #[serde(default)]
+    crls: Vec<PathBuf>,
+    #[serde(default)]
+    trusted_forwarders: Vec<String>,
+    id: Option<Spanned<String>>,
+    listen: Option<Vec<Spanned<String>>>,
+    state_dir: Option<PathBuf>,
+    store_dir: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    max_connections: Option<Spanned<i64>>,
+    handshake_timeout: Option<HumanDuration>,
+    idle_timeout: Option<HumanDuration>,
+    max_batch_bytes: Option<Spanned<Size>>,
+    upstream: Option<Spanned<RawUpstream>>,
+    #[serde(default)]
+    spool: RawSpool,
+}
+
+pub fn load_relay(path: &Path) -> Result<RelayConfig, ConfigError> {
+    let text = read(path)?;
+    parse_relay(&text).map_err(|problems| ConfigError {
+        path: path.to_path_buf(),
+        problems,
+    })
+}
+
+pub fn parse_relay(text: &str) -> Result<RelayConfig, Vec<Problem>> {
+    let raw: RawRelay = toml::from_str(text).map_err(|e| toml_problem(text, e))?;
+    let mut p = Problems::new(text);
+    let listen: Vec<String> = match raw.listen {
+        Some(l) => {
+            for a in &l {
+                if a.get_ref().parse::<std::net::SocketAddr>().is_err() {
+                    p.at(
+                        a.span(),
+                        format!(
+                            "listen address {:?} must be ip:port, e.g. \"0.0.0.0:6514\" or \"[::]:6514\"",
+                            a.get_ref()
+                        ),
+                    );
+                }
+            }
+            l.into_iter().map(|a| a.into_inner()).collect()
+        }
+        None => vec!["0.0.0.0:6514".to_string()],
+    };
+    let id = match raw.id {
+        Some(id) => {
+            if let Err(why) = check_name(id.get_ref()) {
+                p.at(id.span(), format!("`id` {why}"));
+            }
+            id.into_inner()
+        }
+        None => hostname::get()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "relay".to_string()),
+    };
+    let max_connections = match raw.max_connections {
+        Some(m) => match usize::try_from(*m.get_ref()) {
+            Ok(n) if n > 0 => n,
+            _ => {
+                p.at(m.span(), "max_connections must be a positive number");
+                1
+            }
+        },
+        None => 4096,
+    };
+    let max_batch_bytes = raw.max_batch_bytes.as_ref().map_or(256 << 20, |m| m.get_ref().0);
+    let spool = spool_settings(raw.spool, &mut p);
+    let upstream = raw.upstream.and_then(|u| upstream(u, &mut p));
+    if !p.list.is_empty() {
+        return Err(p.list);
+    }
+    let state_dir = raw
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_RELAY_STATE_DIR));
+    Ok(RelayConfig {
+        listen,
+        store_dir: raw.store_dir.unwrap_or_else(|| state_dir.join("store")),
+        state_dir,
+        control_socket: raw
+            .control_socket
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_RELAY_CONTROL_SOCKET)),
+        ca: raw.ca,
+        cert: raw.cert,
+        key: raw.key,
+        id,
+        max_connections,
+        handshake_timeout: raw
+            .handshake_timeout
+            .map_or(Duration::from_secs(10), |d| d.0),
+        idle_timeout: raw.idle_timeout.map_or(Duration::from_secs(300), |d| d.0),
+        max_batch_bytes,
+        upstream,
+        spool,
+        crls: raw.crls,
+        trusted_forwarders: raw.trusted_forwarders,
+    })
+}
+
+impl RelayConfig {
+    pub fn summary(&self) -> String {
+        format!(
+            "Relay listening on {} for agents whose certificates are signed by {}; it stores what arrives under {} (state in {}), accepting at most {} connections and batches up to {} decompressed.{}",
+            self.listen.join(", "),
+            self.ca.display(),
+            self.store_dir.display(),
+            self.state_dir.display(),
+            self.max_connections,
+            Size(self.max_batch_bytes),
+            match &self.upstream {
+                Some(u) => format!(" Everything received is spooled and forwarded to {}.", u.address),
+                None => String::new(),
+            }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+id = "web-01"
+state_dir = "/tmp/x"
+
+[[source]]
+name = "system"
+type = "file"
+include = ["/var/log/syslog", "/var/log/nginx/*.log"]
+exclude = ["*.gz"]
+start_at = "end"
+max_line_bytes = "64KiB"
+
+[spool]
+max_size = "1GiB"
+batch_max_bytes = "512KiB"
+batch_max_delay = "250ms"
+compression_level = 1
+"#;
+
+    #[test]
+    fn parses_contract_keys() {
+        let c = parse_agent(GOOD).unwrap();
+        assert_eq!(c.id, "web-01");
+        assert_eq!(c.sources.len(), 1);
+        let SourceKind::File(f) = &c.sources[0].kind;
+        assert_eq!(f.max_line_bytes, 64 << 10);
+        assert_eq!(f.start_at, StartAt::End);
+        assert_eq!(c.spool.batch_max_delay, Duration::from_millis(250));
+        assert_eq!(c.spool.compression_level, 1);
+        assert_eq!(c.spool.max_size, 1 << 30);
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let text = "state_dir = \"/x\"\nbogus = 1\n";
+        let e = parse_agent(text).unwrap_err();
+        assert_eq!(e[0].line, 2, "{e:?}");
+        assert!(e[0].message.contains("bogus"), "{e:?}");
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let text = r#"
+[[source]]
+name = "a"
+type = "file"
+include = ["relative/*.log"]
+
+[[source]]
+name = "a"
+type = "file"
+include = ["/x/[.log"]
+
+[spool]
+compression_level = 12
+"#;
+        let e = parse_agent(text).unwrap_err();
+        let lines: Vec<usize> = e.iter().map(|p| p.line).collect();
+        assert_eq!(lines, vec![5, 8, 10, 13], "{e:?}");
+        assert!(e[1].message.contains("duplicate source name"));
+        assert!(e[2].message.contains("bad glob"));
+    }
+
+    #[test]
+    fn bad_size_and_type() {
+        let e = parse_agent(
+            "[[source]]\nname = \"s\"\ntype = \"file\"\ninclude = [\"/a\"]\nmax_line_bytes = \"huge\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e[0].line, 5, "{e:?}");
+        let e = parse_agent("[[source]]\nname = \"s\"\ntype = \"carrier-pigeon\"\n").unwrap_err();
+        assert!(e[0].message.contains("unknown source type"), "{e:?}");
+    }
+
+    #[test]
+    fn names_are_safe_path_components() {
+        for bad in ["", "..", "a/b", ".hidden", "a\0b", "-x"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_name("web-01.example_1").is_ok());
+    }
+
+    #[test]
+    fn relay_defaults() {
+        let r = parse_relay("ca = \"/c\"\ncert = \"/r\"\nkey = \"/k\"\nstate_dir = \"/s\"\n")
+            .unwrap();
+        assert_eq!(r.listen, vec!["0.0.0.0:6514"]);
+        assert_eq!(r.store_dir, PathBuf::from("/s/store"));
+        assert!(parse_relay("ca = \"/c\"\ncert = \"/r\"\nkey = \"/k\"\nlisten = [\"nowhere\"]\n").is_err());
+    }
+}

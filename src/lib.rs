@@ -12,6 +12,7 @@
 //! - [`protocol`]: the wire frames between agent and relay, with hard limits.
 //! - [`tls`]: rustls configurations from PEM files; identity from certificates.
 //! - [`certs`]: throwaway development certificates (`soclink certs dev`).
+//! - [`ship`]: the agent side of the link: window, acknowledgements, reconnects.
 //! - [`relay`]: the receiving end: TLS server, dedupe, durable store.
 #![forbid(unsafe_code)]
 
@@ -19,9 +20,11 @@ pub mod agent;
 pub mod batch;
 pub mod certs;
 pub mod config;
+pub mod demo;
 pub mod event;
 pub mod protocol;
 pub mod relay;
+pub mod ship;
 pub mod sources;
 pub mod spool;
 pub mod tls;

@@ -1,1 +1,315 @@
-fn main() {}
+//! The `soclink` command line: parse arguments, set up logging, call the library.
+//! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use soclink::config;
+
+#[derive(Parser)]
+#[command(
+    name = "soclink",
+    version,
+    about = "Log collection agent and SOC relay: tails logs, spools them durably, ships them over mutual TLS, stores them exactly once.",
+    long_about = "soclink collects system and device logs on agency hosts (agent) and receives them at a SOC or the national technical service center (relay).\n\nStart here:\n  soclink demo                          the whole loop on loopback, in a temporary directory\n  soclink check-config -c agent.toml    validate a config and say what it will collect\n  soclink agent -c /etc/soclink/agent.toml\n  soclink relay -c /etc/soclink/relay.toml"
+)]
+struct Cli {
+    /// Format of soclink's own log messages (on stderr).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent: tail the configured sources into the spool and ship it upstream.
+    Agent {
+        /// Agent configuration file.
+        #[arg(short, long, default_value = "/etc/soclink/agent.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file (agent or relay), listing every problem with its
+    /// line and column; on success print what it will do.
+    CheckConfig {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Which kind of file it is (default: guessed from its keys).
+        #[arg(long, value_enum)]
+        kind: Option<Kind>,
+    },
+    /// Run the relay: accept agents over mutual TLS and store (or forward) what they send.
+    Relay {
+        /// Relay configuration file.
+        #[arg(short, long, default_value = "/etc/soclink/relay.toml")]
+        config: PathBuf,
+    },
+    /// Certificates for trying soclink out.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+    /// Show the whole loop on loopback: certificates, a relay, an agent tailing
+    /// generated logs, and the stored result. Needs nothing but this binary.
+    Demo {
+        /// Where to put the demo's files (default: a new temporary directory, kept).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// How many sample log lines to generate.
+        #[arg(long, default_value_t = 20_000)]
+        lines: u64,
+    },
+    /// Inspect the agent's on-disk spool.
+    Spool {
+        #[command(subcommand)]
+        cmd: SpoolCmd,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Kind {
+    Agent,
+    Relay,
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Write a throwaway CA, a relay certificate (localhost, 127.0.0.1, ::1) and an agent
+    /// certificate into DIR. For trying things out only: use your center's CA in
+    /// production.
+    Dev {
+        #[arg(long)]
+        out: PathBuf,
+        /// Common Name of the agent certificate (its identity at the relay).
+        #[arg(long, default_value = "demo-agent")]
+        agent_name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SpoolCmd {
+    /// Print every spooled event as NDJSON (stop the agent first: the spool is locked
+    /// while it runs).
+    Dump {
+        /// The agent's state_dir (the spool is in its `spool/` folder).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Print one line per batch (sequence and metadata) instead of the events.
+        #[arg(long)]
+        batches: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli.cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("soclink: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SOCLINK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
+        Cmd::Agent { config } => {
+            let cfg = match config::load_agent(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let rt = runtime()?;
+            rt.block_on(async {
+                let agent = soclink::agent::Agent::open(cfg)?;
+                let shutdown = CancellationToken::new();
+                spawn_signal_handler(shutdown.clone());
+                agent.run(shutdown).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Relay { config } => {
+            let cfg = match config::load_relay(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let rt = runtime()?;
+            rt.block_on(async {
+                let listeners = soclink::relay::bind(&cfg).await?;
+                let shutdown = CancellationToken::new();
+                spawn_signal_handler(shutdown.clone());
+                soclink::relay::run(cfg, listeners, shutdown.clone(), |h| {
+                    spawn_relay_reload(h.tls.clone(), shutdown.clone())
+                })
+                .await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Certs {
+            cmd: CertsCmd::Dev { out, agent_name },
+        } => {
+            let c = soclink::certs::write_dev_certs(&out, &agent_name)?;
+            eprintln!("WARNING: these certificates are for trying soclink out only. In production, use certificates issued by your center's CA.");
+            println!("CA certificate:     {}  (give it to relays and agents as `ca`)", c.ca.display());
+            println!("CA key:             {}  (keep it secret; only for issuing more)", c.ca_key.display());
+            println!("relay certificate:  {}  key {}", c.relay.display(), c.relay_key.display());
+            println!("agent certificate:  {}  key {}  (identity {agent_name:?})", c.agent.display(), c.agent_key.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Demo { dir, lines } => {
+            let rt = runtime()?;
+            rt.block_on(soclink::demo::run(dir, lines))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::CheckConfig { config, kind } => check_config(&config, kind),
+        Cmd::Spool {
+            cmd: SpoolCmd::Dump { state_dir, batches },
+        } => spool_dump(&state_dir, batches),
+    }
+}
+
+fn check_config(path: &std::path::Path, kind: Option<Kind>) -> Result<ExitCode> {
+    let kind = kind.unwrap_or_else(|| guess_kind(path));
+    let result = match kind {
+        Kind::Agent => config::load_agent(path).map(|c| c.summary()),
+        Kind::Relay => config::load_relay(path).map(|c| c.summary()),
+    };
+    match result {
+        Ok(summary) => {
+            println!("{}: OK", path.display());
+            println!("{summary}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!(
+                "{}: {} problem{} found",
+                path.display(),
+                e.problems.len(),
+                if e.problems.len() == 1 { "" } else { "s" }
+            );
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+/// A relay config has `store_dir`, `listen` or a top-level `ca`; an agent's has sources.
+fn guess_kind(path: &std::path::Path) -> Kind {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Kind::Agent;
+    };
+    match text.parse::<toml::Table>() {
+        Ok(t) if !t.contains_key("source")
+            && (t.contains_key("store_dir") || t.contains_key("listen") || t.contains_key("ca")) =>
+        {
+            Kind::Relay
+        }
+        _ => Kind::Agent,
+    }
+}
+
+fn spool_dump(state_dir: &std::path::Path, batches: bool) -> Result<ExitCode> {
+    let _lock = soclink::agent::lock_state_dir(state_dir)?;
+    let dir = state_dir.join("spool");
+    let (spool, recovery) = soclink::spool::Spool::open(&dir, Default::default())
+        .with_context(|| format!("cannot open the spool in {}", dir.display()))?;
+    for m in &recovery.messages {
+        eprintln!("spool recovery: {m}");
+    }
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut n = 0u64;
+    for rec in spool.records_from(spool.acked() + 1)? {
+        let rec = rec?;
+        n += 1;
+        if batches {
+            out.write_all(format!("{{\"seq\":{},\"meta\":", rec.seq).as_bytes())?;
+            out.write_all(&rec.meta)?;
+            out.write_all(format!(",\"gzip_bytes\":{}}}\n", rec.payload.len()).as_bytes())?;
+        } else {
+            let mut dec = flate2::read::GzDecoder::new(&rec.payload[..]);
+            std::io::copy(&mut dec, &mut out)
+                .with_context(|| format!("batch {} does not inflate", rec.seq))?;
+        }
+    }
+    out.flush()?;
+    eprintln!("{n} batches");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM and SIGINT both mean: stop gracefully.
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        shutdown.cancel();
+    });
+}
+
+/// SIGHUP on the relay: reload its certificate, key and CA.
+fn spawn_relay_reload(
+    tls: std::sync::Arc<soclink::tls::ReloadableServerConfig>,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match tls.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+                    Err(e) => tracing::error!("SIGHUP: keeping the old certificates: {e}"),
+                },
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    });
+}

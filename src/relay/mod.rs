@@ -1,1 +1,150 @@
-//! (to be written)
+//! The relay: the receiving end of the agents' links.
+//!
+//! - [`server`]: TLS listener, per-connection protocol, verification, acknowledgements.
+//! - [`sink`]: the single writer that makes batches durable (store or forwarding spool).
+//! - [`store`]: the store layout of ARCHITECTURE.md with exactly-once dedupe.
+//!
+//! Without `[upstream]` the relay stores what it receives; with it, the relay spools
+//! what it receives and ships it upstream with its own certificate, keeping each
+//! batch's origin (agent, stream, sequence) so the top relay stores it exactly once.
+
+pub mod server;
+pub mod sink;
+pub mod store;
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RelayConfig;
+use crate::ship::{Shipper, UpstreamStatus};
+use crate::spool::{Spool, SpoolOptions};
+use crate::tls::{ReloadableServerConfig, ServerOptions, TlsFiles};
+use server::{Peers, Server, ServerSettings};
+use sink::Sink;
+use store::{Store, StoreOptions};
+
+/// Handles a running relay exposes (status, reload).
+pub struct RelayHandles {
+    pub peers: Arc<Mutex<Peers>>,
+    pub tls: Arc<ReloadableServerConfig>,
+    pub upstream: Option<Arc<Mutex<UpstreamStatus>>>,
+    pub sink: Sink,
+}
+
+/// Bind the configured listen addresses.
+pub async fn bind(cfg: &RelayConfig) -> Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    for a in &cfg.listen {
+        out.push(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a}"))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Run the relay on already-bound listeners until `shutdown`.
+pub async fn run(
+    cfg: RelayConfig,
+    listeners: Vec<TcpListener>,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(RelayHandles),
+) -> Result<()> {
+    let tls = Arc::new(
+        ReloadableServerConfig::new(
+            TlsFiles {
+                ca: cfg.ca.clone(),
+                cert: cfg.cert.clone(),
+                key: cfg.key.clone(),
+            },
+            ServerOptions {
+                tls12: false,
+                crls: cfg.crls.clone(),
+            },
+        )
+        .context("cannot load the relay's TLS certificates")?,
+    );
+    crate::util::create_dir_all_durable(&cfg.state_dir)
+        .with_context(|| format!("cannot create state_dir {}", cfg.state_dir.display()))?;
+    let _lock = crate::agent::lock_state_dir(&cfg.state_dir)?;
+    let mut shipper_task = None;
+    let mut upstream_status = None;
+    let (sink, writer) = match &cfg.upstream {
+        None => {
+            let (store, recovery) = Store::open(StoreOptions {
+                store_dir: cfg.store_dir.clone(),
+                state_dir: cfg.state_dir.clone(),
+            })
+            .context("cannot open the store")?;
+            if !recovery.is_clean() {
+                tracing::warn!("store recovery: {recovery:?}");
+            }
+            Sink::store(store)?
+        }
+        Some(up) => {
+            let dir = cfg.state_dir.join("spool");
+            let (spool, recovery) = Spool::open(
+                &dir,
+                SpoolOptions {
+                    max_size: cfg.spool.max_size,
+                    ..SpoolOptions::default()
+                },
+            )
+            .with_context(|| format!("cannot open the forwarding spool in {}", dir.display()))?;
+            for m in &recovery.messages {
+                tracing::warn!("spool recovery: {m}");
+            }
+            let shipper = Shipper::new(up.clone(), spool.clone(), "fwd")?;
+            upstream_status = Some(shipper.status());
+            let sd = shutdown.clone();
+            shipper_task = Some(tokio::spawn(async move { shipper.run(sd).await }));
+            Sink::forward(spool)?
+        }
+    };
+    let peers = Arc::new(Mutex::new(Peers::default()));
+    let server = Arc::new(Server {
+        settings: ServerSettings {
+            relay_id: cfg.id.clone(),
+            max_connections: cfg.max_connections,
+            handshake_timeout: cfg.handshake_timeout,
+            idle_timeout: cfg.idle_timeout,
+            max_batch_bytes: cfg.max_batch_bytes,
+            trusted_forwarders: cfg.trusted_forwarders.clone(),
+        },
+        tls: tls.clone(),
+        sink: sink.clone(),
+        peers: peers.clone(),
+    });
+    for l in &listeners {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!("relay {:?} listening on {a}", cfg.id);
+        }
+    }
+    on_ready(RelayHandles {
+        peers,
+        tls,
+        upstream: upstream_status,
+        sink: sink.clone(),
+    });
+    server.run(listeners, shutdown.clone()).await;
+    sink.stop();
+    drop(sink);
+    // The server's connections hold sink clones; they end with their tasks.
+    if let Some(t) = shipper_task {
+        let _ = t.await;
+    }
+    let _ = tokio::task::spawn_blocking(move || {
+        // The writer ends once every sender is gone; don't hang shutdown on a straggler.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !writer.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    })
+    .await;
+    tracing::info!("relay stopped");
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! Where verified batches go: the relay's store, or (when the relay forwards upstream)
+//! its own spool. One writer thread per relay owns the sink and commits in groups: many
+//! connections' batches, one fsync round, then every reply. A batch's reply is sent only
+//! after the commit that made it durable, and the connection acknowledges it only then.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use super::store::{AppendOutcome, Store};
+use crate::batch::{BatchMeta, Origin};
+use crate::protocol::BatchHeader;
+use crate::spool::Spool;
+
+/// Most batches in one group commit.
+const GROUP_MAX: usize = 512;
+/// Most gzip bytes in one group commit.
+const GROUP_BYTES: usize = 64 << 20;
+
+/// A verified batch on its way to durable storage.
+pub struct WriteReq {
+    /// Whose batch it is: the certificate identity, or the origin agent when a trusted
+    /// relay forwards it.
+    pub agent: String,
+    pub stream: String,
+    pub seq: u64,
+    pub source: String,
+    pub day: String,
+    pub gzip: Bytes,
+    /// The header as received (kept for forwarding).
+    pub meta: BatchHeader,
+    pub reply: oneshot::Sender<WriteResult>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    Appended,
+    Duplicate,
+}
+
+/// Ok once durable; Err with the reason to tell the sender.
+pub type WriteResult = Result<Stored, String>;
+
+#[derive(Clone)]
+pub struct Sink {
+    tx: mpsc::Sender<WriteReq>,
+    kind: Kind,
+    stop: Arc<AtomicBool>,
+}
+
+#[derive(Clone)]
+enum Kind {
+    Store(Arc<Mutex<Store>>),
+    Forward,
+}
+
+impl Sink {
+    /// A sink writing into the store, with its writer thread.
+    pub fn store(store: Store) -> std::io::Result<(Sink, std::thread::JoinHandle<()>)> {
+        let store = Arc::new(Mutex::new(store));
+        let (tx, rx) = mpsc::channel(4096);
+        let s2 = store.clone();
+        let h = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || store_writer(rx, s2))?;
+        Ok((
+            Sink {
+                tx,
+                kind: Kind::Store(store),
+                stop: Arc::default(),
+            },
+            h,
+        ))
+    }
+
+    /// A sink appending into the forwarding spool, with its writer thread.
+    pub fn forward(spool: Spool) -> std::io::Result<(Sink, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel(4096);
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let h = std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || spool_writer(rx, spool, st))?;
+        Ok((
+            Sink {
+                tx,
+                kind: Kind::Forward,
+                stop,
+            },
+            h,
+        ))
+    }
+
+    /// Highest sequence durably stored for a stream (0 when unknown or forwarding: the
+    /// sender then resends what it has not had acknowledged, and the top relay dedupes).
+    pub fn position(&self, agent: &str, stream: &str) -> u64 {
+        match &self.kind {
+            Kind::Store(s) => lock(s).stored_seq(agent, stream),
+            Kind::Forward => 0,
+        }
+    }
+
+    pub fn store(&self) -> Option<Arc<Mutex<Store>>> {
+        match &self.kind {
+            Kind::Store(s) => Some(s.clone()),
+            Kind::Forward => None,
+        }
+    }
+
+    pub async fn submit(&self, req: WriteReq) -> Result<(), ()> {
+        self.tx.send(req).await.map_err(|_| ())
+    }
+
+    /// Stop waiting for space (shutdown); pending requests are answered with errors.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn gather(rx: &mut mpsc::Receiver<WriteReq>) -> Option<Vec<WriteReq>> {
+    let first = rx.blocking_recv()?;
+    let mut bytes = first.gzip.len();
+    let mut group = vec![first];
+    while group.len() < GROUP_MAX && bytes < GROUP_BYTES {
+        match rx.try_recv() {
+            Ok(r) => {
+                bytes += r.gzip.len();
+                group.push(r);
+            }
+            Err(_) => break,
+        }
+    }
+    Some(group)
+}
+
+fn store_writer(mut rx: mpsc::Receiver<WriteReq>, store: Arc<Mutex<Store>>) {
+    while let Some(group) = gather(&mut rx) {
+        let mut st = lock(&store);
+        let mut results: Vec<(oneshot::Sender<WriteResult>, WriteResult)> = Vec::new();
+        for r in group {
+            let res = match st.append(&r.agent, &r.stream, r.seq, &r.source, &r.day, &r.gzip) {
+                Ok(AppendOutcome::Appended) => Ok(Stored::Appended),
+                Ok(AppendOutcome::Duplicate) => Ok(Stored::Duplicate),
+                Ok(AppendOutcome::Gap { expected }) => Err(format!(
+                    "batch {}#{} of {:?} skips ahead: the relay expected #{expected}",
+                    r.stream, r.seq, r.agent
+                )),
+                Err(e) => Err(format!("cannot store batch {}#{}: {e}", r.stream, r.seq)),
+            };
+            if let Err(e) = &res {
+                tracing::warn!(agent = %r.agent, "{e}");
+            }
+            results.push((r.reply, res));
+        }
+        if let Err(e) = st.commit() {
+            tracing::error!("store commit failed, nothing of this group is acknowledged: {e}");
+            for (reply, _) in results {
+                let _ = reply.send(Err(format!("the relay could not store the batch: {e}")));
+            }
+            continue;
+        }
+        drop(st);
+        for (reply, res) in results {
+            let _ = reply.send(res);
+        }
+    }
+}
+
+fn spool_writer(mut rx: mpsc::Receiver<WriteReq>, spool: Spool, stop: Arc<AtomicBool>) {
+    let mut full_logged = false;
+    while let Some(group) = gather(&mut rx) {
+        while spool.is_full() && !stop.load(Ordering::Relaxed) {
+            if !full_logged {
+                tracing::warn!("forwarding spool is full: downstream batches wait until upstream acknowledges");
+                full_logged = true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        full_logged = false;
+        let mut appended = Vec::new();
+        let mut failed = None;
+        for r in group {
+            let meta = BatchMeta {
+                source: r.source.clone(),
+                day: r.day.clone(),
+                events: r.meta.events,
+                raw_bytes: r.meta.raw_bytes,
+                origin: Some(Origin {
+                    agent: r.agent.clone(),
+                    stream: r.stream.clone(),
+                    seq: r.seq,
+                }),
+                cursor: None,
+            };
+            let res = serde_json::to_vec(&meta)
+                .map_err(|e| e.to_string())
+                .and_then(|m| spool.append(&m, &r.gzip).map_err(|e| e.to_string()));
+            match res {
+                Ok(_) => appended.push(r.reply),
+                Err(e) => {
+                    failed.get_or_insert(e.clone());
+                    let _ = r.reply.send(Err(format!("cannot spool the batch: {e}")));
+                }
+            }
+        }
+        match spool.commit() {
+            Ok(_) => {
+                for reply in appended {
+                    let _ = reply.send(Ok(Stored::Appended));
+                }
+            }
+            Err(e) => {
+                tracing::error!("forwarding spool commit failed: {e}");
+                for reply in appended {
+                    let _ = reply.send(Err(format!("cannot spool the batch: {e}")));
+                }
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,357 @@
+//! The shipper: sends spooled batches upstream over mutual TLS and frees them when the
+//! relay acknowledges them.
+//!
+//! Invariants:
+//! - A batch leaves the spool only after the relay's `Ack` covered it (the relay sends
+//!   an ack only once the batch is durable on its side).
+//! - At most `WINDOW_BATCHES` / `WINDOW_BYTES` are unacknowledged in flight; on any
+//!   connection failure everything unacknowledged is sent again from the spool (the
+//!   relay drops what it already has by sequence).
+//! - After a reconnect, the relay's `HelloAck` says where it is; the shipper resumes
+//!   after `max(local acked, relay's position)`.
+//! - Failures back off exponentially with jitter and are logged once per attempt.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use rand::RngExt;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::BatchMeta;
+use crate::config::UpstreamConfig;
+use crate::protocol::{self, Batch, BatchHeader, Frame, Hello, Limits};
+use crate::spool::Spool;
+use crate::tls::{ClientOptions, ReloadableClientConfig, TlsFiles};
+
+/// Most batches unacknowledged at once.
+pub const WINDOW_BATCHES: usize = 64;
+/// Most compressed bytes unacknowledged at once.
+pub const WINDOW_BYTES: u64 = 32 << 20;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// With nothing received for this long, ping; twice this long, give the link up.
+const KEEPALIVE: Duration = Duration::from_secs(30);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// What `soclink status` shows about the upstream link.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct UpstreamStatus {
+    pub connected: bool,
+    pub relay_id: Option<String>,
+    /// Since when the link is down (None while connected or before the first try).
+    pub down_since: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub last_ack: Option<SystemTime>,
+    pub acked_seq: u64,
+    pub reconnects: u64,
+}
+
+pub struct Shipper {
+    upstream: UpstreamConfig,
+    spool: Spool,
+    /// The stream this spool is shipped as (an agent: "logs"; a relay: "fwd").
+    stream: String,
+    tls: Arc<ReloadableClientConfig>,
+    status: Arc<Mutex<UpstreamStatus>>,
+}
+
+impl Shipper {
+    pub fn new(upstream: UpstreamConfig, spool: Spool, stream: &str) -> Result<Shipper> {
+        let tls = ReloadableClientConfig::new(
+            TlsFiles {
+                ca: upstream.ca.clone(),
+                cert: upstream.cert.clone(),
+                key: upstream.key.clone(),
+            },
+            ClientOptions::default(),
+        )
+        .context("cannot load the upstream TLS certificates")?;
+        Ok(Shipper {
+            upstream,
+            spool,
+            stream: stream.to_string(),
+            tls: Arc::new(tls),
+            status: Arc::default(),
+        })
+    }
+
+    pub fn status(&self) -> Arc<Mutex<UpstreamStatus>> {
+        self.status.clone()
+    }
+
+    pub fn tls(&self) -> Arc<ReloadableClientConfig> {
+        self.tls.clone()
+    }
+
+    /// Ship until `shutdown`; reconnects forever.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let started = Instant::now();
+            let err = match self.session(&shutdown).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let msg = format!("{err:#}");
+            {
+                let mut st = lock(&self.status);
+                if st.connected || st.down_since.is_none() {
+                    st.down_since = Some(SystemTime::now());
+                }
+                st.connected = false;
+                st.last_error = Some(msg.clone());
+                st.reconnects += 1;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                backoff = BACKOFF_MIN; // the link worked for a while: retry quickly
+            }
+            let jitter = rand::rng().random_range(0.8..1.2);
+            let wait = backoff.mul_f64(jitter);
+            tracing::warn!(
+                "upstream {}: {msg}; retrying in {:.1}s",
+                self.upstream.address,
+                wait.as_secs_f64()
+            );
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    /// One connection: handshake, then stream batches until an error or shutdown.
+    async fn session(&self, shutdown: &CancellationToken) -> Result<()> {
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, self.connect_tcp())
+            .await
+            .map_err(|_| anyhow!("connection timed out"))??;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(self.upstream.server_name.clone())
+            .map_err(|_| anyhow!("invalid server_name {:?}", self.upstream.server_name))?;
+        let connector = tokio_rustls::TlsConnector::from(self.tls.current());
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
+            .await
+            .map_err(|_| anyhow!("TLS handshake timed out"))?
+            .map_err(|e| anyhow!("TLS handshake failed: {}", crate::tls::explain(&e)))?;
+        let (rd, mut wr) = tokio::io::split(tls);
+        let mut rd = BufReader::with_capacity(64 << 10, rd);
+        let limits = Limits::default();
+        protocol::write_frame(
+            &mut wr,
+            &Frame::Hello(Hello {
+                versions: protocol::SUPPORTED_VERSIONS.to_vec(),
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                streams: vec![self.stream.clone()],
+            }),
+        )
+        .await?;
+        let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, protocol::read_frame(&mut rd, &limits))
+            .await
+            .map_err(|_| anyhow!("the relay did not answer Hello"))??;
+        let ack = match reply {
+            Frame::HelloAck(a) => a,
+            Frame::Refuse(r) => bail!(
+                "the relay refused the connection: {} (relay supports protocol versions {:?}, we support {:?})",
+                r.reason,
+                r.versions,
+                protocol::SUPPORTED_VERSIONS
+            ),
+            Frame::Error(e) => bail!("the relay reported an error: {}", e.message),
+            other => bail!("unexpected {:?} frame instead of HelloAck", other.frame_type()),
+        };
+        let relay_pos = ack
+            .resume
+            .iter()
+            .find(|r| r.stream == self.stream)
+            .map_or(0, |r| r.last_seq);
+        if relay_pos > self.spool.acked() {
+            // The relay stored batches whose acknowledgement we never saw.
+            let sp = self.spool.clone();
+            let upto = relay_pos.min(self.spool.stats().durable_seq);
+            tokio::task::spawn_blocking(move || sp.ack(upto)).await??;
+        }
+        {
+            let mut st = lock(&self.status);
+            st.connected = true;
+            st.down_since = None;
+            st.last_error = None;
+            st.relay_id = Some(ack.relay_id.clone());
+            st.acked_seq = self.spool.acked();
+        }
+        tracing::info!(
+            "connected to relay {:?} at {} (protocol v{}); resuming after batch {}",
+            ack.relay_id,
+            self.upstream.address,
+            ack.version,
+            self.spool.acked()
+        );
+
+        // Frames from the relay arrive on their own task so a large write never keeps
+        // acknowledgements from being read.
+        let (ftx, mut frx) = mpsc::channel::<Result<Frame, protocol::ProtocolError>>(256);
+        let reader = tokio::spawn(async move {
+            loop {
+                let f = protocol::read_frame(&mut rd, &limits).await;
+                let end = f.is_err();
+                if ftx.send(f).await.is_err() || end {
+                    break;
+                }
+            }
+        });
+        let _reader_guard = AbortOnDrop(reader);
+
+        let mut durable = self.spool.watch_durable();
+        let mut next = self.spool.acked() + 1;
+        let mut inflight: VecDeque<(u64, u64)> = VecDeque::new(); // (seq, bytes)
+        let mut inflight_bytes = 0u64;
+        let mut last_rx = Instant::now();
+        let mut pinged = false;
+        let mut draining: Option<Instant> = None;
+        loop {
+            // Fill the window from the spool.
+            while draining.is_none()
+                && inflight.len() < WINDOW_BATCHES
+                && inflight_bytes < WINDOW_BYTES
+                && next <= *durable.borrow()
+            {
+                let sp = self.spool.clone();
+                let rec = tokio::task::spawn_blocking(move || sp.read(next)).await??;
+                let Some(rec) = rec else { break };
+                let meta: BatchMeta = serde_json::from_slice(&rec.meta)
+                    .with_context(|| format!("spooled batch {} has unreadable metadata", rec.seq))?;
+                let size = rec.payload.len() as u64;
+                let frame = Frame::Batch(Batch {
+                    header: BatchHeader::from_meta(&self.stream, rec.seq, &meta),
+                    gzip: Bytes::from(rec.payload),
+                });
+                protocol::write_frame(&mut wr, &frame).await?;
+                inflight.push_back((rec.seq, size));
+                inflight_bytes += size;
+                next = rec.seq + 1;
+            }
+            if draining.is_some() && inflight.is_empty() {
+                let _ = wr.shutdown().await;
+                return Ok(());
+            }
+            let tick = tokio::time::sleep(Duration::from_secs(1));
+            tokio::select! {
+                f = frx.recv() => {
+                    let f = match f {
+                        Some(Ok(f)) => f,
+                        Some(Err(protocol::ProtocolError::Closed)) | None => bail!("the relay closed the connection"),
+                        Some(Err(e)) => return Err(e.into()),
+                    };
+                    last_rx = Instant::now();
+                    pinged = false;
+                    match f {
+                        Frame::Ack(a) if a.stream == self.stream => {
+                            let mut upto = 0;
+                            while let Some(&(seq, size)) = inflight.front() {
+                                if seq > a.seq { break; }
+                                inflight.pop_front();
+                                inflight_bytes -= size;
+                                upto = seq;
+                            }
+                            if upto > 0 {
+                                let sp = self.spool.clone();
+                                tokio::task::spawn_blocking(move || sp.ack(upto)).await??;
+                                let mut st = lock(&self.status);
+                                st.last_ack = Some(SystemTime::now());
+                                st.acked_seq = upto;
+                            }
+                        }
+                        Frame::Ack(a) => bail!("the relay acknowledged unknown stream {:?}", a.stream),
+                        Frame::Ping(n) => protocol::write_frame(&mut wr, &Frame::Pong(n)).await?,
+                        Frame::Pong(_) => {}
+                        Frame::Error(e) => bail!("the relay closed the connection: {} ({:?})", e.message, e.code),
+                        other => bail!("unexpected {:?} frame from the relay", other.frame_type()),
+                    }
+                }
+                r = durable.changed() => { r.map_err(|_| anyhow!("spool closed"))?; }
+                _ = tick => {
+                    let quiet = last_rx.elapsed();
+                    if quiet > KEEPALIVE * 2 {
+                        bail!("no answer from the relay for {}s", quiet.as_secs());
+                    }
+                    if quiet > KEEPALIVE && !pinged {
+                        protocol::write_frame(&mut wr, &Frame::Ping(rand::random())).await?;
+                        pinged = true;
+                    }
+                    if draining.is_some_and(|d| d.elapsed() > Duration::from_secs(3)) {
+                        tracing::info!("{} batches still unacknowledged at shutdown; they stay in the spool and are sent after the restart", inflight.len());
+                        return Ok(());
+                    }
+                }
+                _ = shutdown.cancelled(), if draining.is_none() => {
+                    draining = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// TCP to the relay, or to the proxy followed by `CONNECT`.
+    async fn connect_tcp(&self) -> Result<TcpStream> {
+        let Some(proxy) = &self.upstream.proxy else {
+            return TcpStream::connect(&self.upstream.address)
+                .await
+                .with_context(|| format!("cannot connect to {}", self.upstream.address));
+        };
+        let mut s = TcpStream::connect(proxy)
+            .await
+            .with_context(|| format!("cannot connect to proxy {proxy}"))?;
+        http_connect(&mut s, &self.upstream.address)
+            .await
+            .with_context(|| format!("proxy {proxy} did not open a tunnel"))?;
+        Ok(s)
+    }
+}
+
+/// Ask an HTTP proxy for a tunnel (`CONNECT host:port`); the reply head is bounded.
+pub async fn http_connect(s: &mut TcpStream, target: &str) -> Result<()> {
+    let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: soclink/{}\r\n\r\n", env!("CARGO_PKG_VERSION"));
+    s.write_all(req.as_bytes()).await?;
+    // Read byte-wise so nothing after the header (the relay's TLS bytes) is consumed.
+    let mut head = Vec::new();
+    let mut limited = (&mut *s).take(8192);
+    let mut br = BufReader::with_capacity(1, &mut limited);
+    loop {
+        let mut line = Vec::new();
+        let n = br.read_until(b'\n', &mut line).await?;
+        if n == 0 {
+            bail!("proxy closed the connection during CONNECT");
+        }
+        let end = line == b"\r\n" || line == b"\n";
+        head.extend_from_slice(&line);
+        if end {
+            break;
+        }
+    }
+    let status = String::from_utf8_lossy(head.split(|&b| b == b'\n').next().unwrap_or(b""));
+    let code = status.split_whitespace().nth(1).unwrap_or("");
+    if code != "200" {
+        bail!("proxy answered {:?}", status.trim());
+    }
+    Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

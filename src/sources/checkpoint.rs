@@ -1,0 +1,173 @@
+//! Source checkpoints: where each source resumes after a restart.
+//!
+//! On disk (`<state_dir>/checkpoints.json`), replaced atomically (temp, fsync, rename,
+//! fsync dir):
+//!
+//! ```text
+//! soclink-checkpoints v1 crc32=<8 hex digits of the JSON below>\n
+//! { "spool_seq": u64,                       // every spooled batch <= this is reflected
+//!   "sources": { "<source>": { "<dev>:<ino>": FilePos, ... }, ... } }
+//! ```
+//!
+//! The rule that makes "exactly once into the spool" hold: a batch carries its sources'
+//! positions *inside* its spool record, so after a crash the positions are
+//! `checkpoint file ⊕ cursors of the spooled batches with seq > spool_seq`. The spool
+//! keeps those records until this file has been written past them
+//! (`Spool::set_checkpointed`), so the replay always finds them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::util::write_atomic;
+
+const MAGIC: &str = "soclink-checkpoints v1 crc32=";
+
+/// Resume position of one file, identified by device, inode and a fingerprint of its
+/// first bytes (inode numbers are reused; the fingerprint tells a new file apart).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilePos {
+    pub dev: u64,
+    pub ino: u64,
+    /// How many leading bytes the fingerprint covers (0: file was empty when first seen).
+    pub fp_len: u32,
+    pub fp: u64,
+    /// The name the file had when first tracked; where to look for it after a restart.
+    pub path: String,
+    /// Byte offset just after the last line that is durable in the spool.
+    pub offset: u64,
+    /// The source stopped tracking this file (rotated away and read to its end, or
+    /// deleted): forget it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gone: bool,
+}
+
+impl FilePos {
+    pub fn key(&self) -> String {
+        format!("{}:{}", self.dev, self.ino)
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Checkpoints {
+    pub spool_seq: u64,
+    pub sources: BTreeMap<String, BTreeMap<String, FilePos>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot read checkpoint file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("checkpoint file {path} is corrupt ({why})")]
+    Corrupt { path: PathBuf, why: String },
+}
+
+impl Checkpoints {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("checkpoints.json")
+    }
+
+    /// Load the checkpoint file; a missing file is an empty checkpoint.
+    pub fn load(path: &Path) -> Result<Checkpoints, CheckpointError> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Checkpoints::default());
+            }
+            Err(source) => {
+                return Err(CheckpointError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        Self::decode(&bytes).map_err(|why| CheckpointError::Corrupt {
+            path: path.to_path_buf(),
+            why,
+        })
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Checkpoints, String> {
+        let nl = memchr::memchr(b'\n', bytes).ok_or("no header line")?;
+        let header = std::str::from_utf8(&bytes[..nl]).map_err(|_| "header is not text")?;
+        let crc_hex = header.strip_prefix(MAGIC).ok_or("bad header")?;
+        let crc = u32::from_str_radix(crc_hex, 16).map_err(|_| "bad checksum field")?;
+        let body = &bytes[nl + 1..];
+        if crc32fast::hash(body) != crc {
+            return Err("checksum mismatch".into());
+        }
+        serde_json::from_slice(body).map_err(|e| format!("bad JSON: {e}"))
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing plain maps of strings and integers cannot fail.
+        let body = serde_json::to_vec(self).unwrap_or_default();
+        let mut out = format!("{MAGIC}{:08x}\n", crc32fast::hash(&body)).into_bytes();
+        out.extend_from_slice(&body);
+        out
+    }
+
+    pub fn store(&self, path: &Path) -> std::io::Result<()> {
+        write_atomic(path, &self.encode())
+    }
+
+    /// Apply the cursor a file source attached to a batch.
+    pub fn apply(&mut self, source: &str, cursor: &serde_json::Value) {
+        let Ok(positions) = serde_json::from_value::<Vec<FilePos>>(cursor.clone()) else {
+            tracing::warn!(source, "ignoring an unreadable cursor in a spooled batch");
+            return;
+        };
+        let files = self.sources.entry(source.to_string()).or_default();
+        for p in positions {
+            if p.gone {
+                files.remove(&p.key());
+            } else {
+                files.insert(p.key(), p);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(ino: u64, offset: u64, gone: bool) -> FilePos {
+        FilePos {
+            dev: 1,
+            ino,
+            fp_len: 3,
+            fp: 9,
+            path: "/x".into(),
+            offset,
+            gone,
+        }
+    }
+
+    #[test]
+    fn roundtrip_and_corruption_detected() {
+        let mut c = Checkpoints {
+            spool_seq: 7,
+            ..Default::default()
+        };
+        c.apply(
+            "s",
+            &serde_json::to_value(vec![pos(1, 10, false), pos(2, 5, false)]).unwrap(),
+        );
+        c.apply("s", &serde_json::to_value(vec![pos(2, 0, true)]).unwrap());
+        let bytes = c.encode();
+        assert_eq!(Checkpoints::decode(&bytes).unwrap(), c);
+        assert_eq!(c.sources["s"].len(), 1);
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x20;
+            if let Ok(d) = Checkpoints::decode(&b) {
+                assert_eq!(d, c, "flip at {i} went unnoticed");
+            }
+        }
+    }
+}

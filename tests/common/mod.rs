@@ -1,0 +1,219 @@
+//! Shared helpers for integration tests: real `soclink` processes, real files, and
+//! reading back what landed in the spool.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_soclink")
+}
+
+/// An agent process with its config and state in a temporary directory.
+pub struct AgentProc {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub state: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl AgentProc {
+    /// `sources` is the TOML of the `[[source]]` tables; `extra` goes at the top level end.
+    pub fn new(dir: &Path, sources: &str, extra: &str) -> AgentProc {
+        let state = dir.join("state");
+        let config = dir.join("agent.toml");
+        let text = format!(
+            "id = \"test-agent\"\nstate_dir = {:?}\ncontrol_socket = {:?}\n\n{sources}\n\n[spool]\nbatch_max_bytes = \"256KiB\"\nbatch_max_delay = \"100ms\"\ncompression_level = 1\n{extra}\n",
+            state.to_str().unwrap(),
+            dir.join("control.sock").to_str().unwrap(),
+        );
+        std::fs::write(&config, text).unwrap();
+        AgentProc {
+            dir: dir.to_path_buf(),
+            config,
+            state,
+            child: None,
+        }
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
+        let child = Command::new(bin())
+            .args(["agent", "-c"])
+            .arg(&self.config)
+            .env("SOCLINK_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            sigterm(c.id());
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(status) = c.try_wait().unwrap() {
+                    assert!(status.success(), "agent exited with {status}; log:\n{}", self.log());
+                    return;
+                }
+                if Instant::now() > deadline {
+                    c.kill().unwrap();
+                    panic!("agent did not stop within 20s after SIGTERM; log:\n{}", self.log());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Every spooled event (works while the agent runs).
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        spool_events(&self.state)
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn sigterm(pid: u32) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+pub fn spool_events(state: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new(bin())
+        .args(["spool", "dump", "--state-dir"])
+        .arg(state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "spool dump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).expect("spool dump prints JSON lines"))
+        .collect()
+}
+
+/// Original bytes of an event's message.
+pub fn message(ev: &serde_json::Value) -> Vec<u8> {
+    soclink::event::message_bytes(ev).expect("event has message or message_base64")
+}
+
+/// Poll until `pred(events)` holds, or panic with `what` after `timeout`.
+pub fn wait_events(
+    agent: &AgentProc,
+    timeout: Duration,
+    what: &str,
+    mut pred: impl FnMut(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let evs = agent.events();
+        if pred(&evs) {
+            return evs;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "timed out waiting for {what}: have {} events; agent log:\n{}",
+                evs.len(),
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Assert that the messages are exactly `expected`, each once (order across files is
+/// free; the first difference is reported).
+pub fn assert_exactly_once(events: &[serde_json::Value], expected: &[Vec<u8>]) {
+    let mut counts: HashMap<Vec<u8>, i64> = HashMap::new();
+    for e in expected {
+        *counts.entry(e.clone()).or_default() += 1;
+    }
+    for ev in events {
+        *counts.entry(message(ev)).or_default() -= 1;
+    }
+    let missing: Vec<_> = counts.iter().filter(|(_, c)| **c > 0).collect();
+    let extra: Vec<_> = counts.iter().filter(|(_, c)| **c < 0).collect();
+    if !missing.is_empty() || !extra.is_empty() {
+        let show = |v: &[(&Vec<u8>, &i64)]| {
+            v.iter()
+                .take(5)
+                .map(|(k, c)| format!("{:?}x{c}", String::from_utf8_lossy(&k[..k.len().min(80)])))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        panic!(
+            "{} expected lines missing (e.g. {}), {} duplicated or unexpected (e.g. {}); {} events, {} expected",
+            missing.len(),
+            show(&missing),
+            extra.len(),
+            show(&extra),
+            events.len(),
+            expected.len()
+        );
+    }
+}
+
+/// A realistic, unique log line for writer `w`, number `n`.
+pub fn line(w: &str, n: u64) -> String {
+    const APPS: [&str; 5] = ["sshd", "nginx", "kernel", "cron", "postfix/smtpd"];
+    let app = APPS[(n % 5) as usize];
+    format!(
+        "Nov 26 01:{:02}:{:02} web-01 {app}[{}]: id={w}-{n} event {} from 10.{}.{}.{} port {}",
+        (n / 60) % 60,
+        n % 60,
+        1000 + n % 7919,
+        if n % 3 == 0 { "accepted" } else { "rejected" },
+        n % 256,
+        (n / 256) % 256,
+        (n * 7) % 256,
+        1024 + n % 60000
+    )
+}
+
+pub fn file_source(name: &str, include: &[&Path], extra: &str) -> String {
+    let inc: Vec<String> = include
+        .iter()
+        .map(|p| format!("{:?}", p.to_str().unwrap()))
+        .collect();
+    format!(
+        "[[source]]\nname = \"{name}\"\ntype = \"file\"\ninclude = [{}]\nrescan_interval = \"200ms\"\nrotate_wait = \"1s\"\npartial_line_timeout = \"1s\"\n{extra}\n",
+        inc.join(", ")
+    )
+}
