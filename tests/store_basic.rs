@@ -44,8 +44,7 @@ fn two_agents_two_sources_two_days_byte_exact() {
     let dir = tempfile::tempdir().unwrap();
     let (mut store, recovery) = Store::open(opts(dir.path())).unwrap();
     assert!(recovery.is_clean());
-    let mut expected: std::collections::BTreeMap<PathBuf, (Vec<u8>, Vec<u8>)> =
-        Default::default();
+    let mut expected: std::collections::BTreeMap<PathBuf, (Vec<u8>, Vec<u8>)> = Default::default();
     let mut seq = std::collections::BTreeMap::<String, u64>::new();
     for round in 0..3u32 {
         for agent in ["agent-a", "agent-b.example"] {
@@ -149,7 +148,9 @@ fn duplicates_are_dropped_and_gaps_refused() {
         AppendOutcome::Gap { expected: 2 }
     );
     assert_eq!(
-        store.append("a", "s", u64::MAX, "syslog", day, &m2).unwrap(),
+        store
+            .append("a", "s", u64::MAX, "syslog", day, &m2)
+            .unwrap(),
         AppendOutcome::Gap { expected: 2 }
     );
     assert_eq!(std::fs::read(&path).unwrap(), m1);
@@ -167,7 +168,10 @@ fn duplicates_are_dropped_and_gaps_refused() {
     );
     store.commit().unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), [m1, m2].concat());
-    assert_eq!(zcat(&path), b"{\"message\":\"one\"}\n{\"message\":\"two\"}\n");
+    assert_eq!(
+        zcat(&path),
+        b"{\"message\":\"one\"}\n{\"message\":\"two\"}\n"
+    );
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -195,19 +199,37 @@ fn hostile_names_are_refused_and_create_nothing() {
     for bad in bad_names {
         let e = store.append(bad, "s", 1, "src", ok, &m).unwrap_err();
         assert!(
-            matches!(e, StoreError::InvalidName { field: NameField::Agent, .. }),
+            matches!(
+                e,
+                StoreError::InvalidName {
+                    field: NameField::Agent,
+                    ..
+                }
+            ),
             "agent {bad:?}: {e}"
         );
         let e = store.append("a", "s", 1, bad, ok, &m).unwrap_err();
         assert!(
-            matches!(e, StoreError::InvalidName { field: NameField::Source, .. }),
+            matches!(
+                e,
+                StoreError::InvalidName {
+                    field: NameField::Source,
+                    ..
+                }
+            ),
             "source {bad:?}: {e}"
         );
     }
     for bad in ["", "a\0b", &long] {
         let e = store.append("a", bad, 1, "src", ok, &m).unwrap_err();
         assert!(
-            matches!(e, StoreError::InvalidName { field: NameField::Stream, .. }),
+            matches!(
+                e,
+                StoreError::InvalidName {
+                    field: NameField::Stream,
+                    ..
+                }
+            ),
             "stream {bad:?}: {e}"
         );
     }
@@ -216,10 +238,19 @@ fn hostile_names_are_refused_and_create_nothing() {
         assert!(matches!(e, StoreError::InvalidName { .. }), "{e}");
     }
     for bad in [
-        "2026-13-45", "2026-02-29", "../../etc", "2026-11-26/../x", "2026-11-2\0", "", "26-11-26",
+        "2026-13-45",
+        "2026-02-29",
+        "../../etc",
+        "2026-11-26/../x",
+        "2026-11-2\0",
+        "",
+        "26-11-26",
     ] {
         let e = store.append("a", "s", 1, "src", bad, &m).unwrap_err();
-        assert!(matches!(e, StoreError::InvalidDay { .. }), "day {bad:?}: {e}");
+        assert!(
+            matches!(e, StoreError::InvalidDay { .. }),
+            "day {bad:?}: {e}"
+        );
     }
     // The error names the offending value, cut short.
     let e = store.append(&long, "s", 1, "src", ok, &m).unwrap_err();
@@ -233,11 +264,22 @@ fn hostile_names_are_refused_and_create_nothing() {
     all.sort();
     let rel: Vec<_> = all
         .iter()
-        .map(|p| p.strip_prefix(dir.path()).unwrap().to_string_lossy().into_owned())
+        .map(|p| {
+            p.strip_prefix(dir.path())
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     assert_eq!(
         rel,
-        ["r", "r/state", "r/state/dedupe", "r/state/store.lock", "r/store"]
+        [
+            "r",
+            "r/state",
+            "r/state/dedupe",
+            "r/state/store.lock",
+            "r/store"
+        ]
     );
     // A valid append afterwards still starts the stream at 1.
     assert_eq!(

@@ -45,13 +45,16 @@ fn expected_raw(seqs: std::ops::RangeInclusive<u64>) -> Vec<u8> {
 const DAY: &str = "2026-11-26";
 
 fn data_file(root: &Path, day: &str) -> PathBuf {
-    root.join("store/agent/app").join(format!("{day}.ndjson.gz"))
+    root.join("store/agent/app")
+        .join(format!("{day}.ndjson.gz"))
 }
 
 fn append_range(store: &mut Store, seqs: std::ops::RangeInclusive<u64>, day: &str) {
     for s in seqs {
         assert_eq!(
-            store.append("agent", "st", s, "app", day, &gz(&event(s))).unwrap(),
+            store
+                .append("agent", "st", s, "app", day, &gz(&event(s)))
+                .unwrap(),
             AppendOutcome::Appended,
             "seq {s}"
         );
@@ -189,7 +192,7 @@ fn a_missing_or_short_file_is_reported_and_never_leaves_a_hole() {
         .unwrap();
 
     let (mut store, recovery) = Store::open(opts(dir.path())).unwrap();
-    assert_eq!(recovery.missing, [file.clone()]);
+    assert_eq!(recovery.missing, std::slice::from_ref(&file));
     assert_eq!(
         recovery.short,
         [TruncatedFile {
@@ -253,7 +256,11 @@ fn a_state_naming_a_path_outside_the_store_is_refused() {
     let (_, e) = corrupt_and_open(|b| {
         // Rewrite the body with a hostile source, with a valid header and CRC.
         let text = String::from_utf8(b.clone()).unwrap();
-        let body = text.split_once('\n').unwrap().1.replace("\"app\"", "\"../../x\"");
+        let body = text
+            .split_once('\n')
+            .unwrap()
+            .1
+            .replace("\"app\"", "\"../../x\"");
         *b = format!(
             "soclink-store-state v1 crc32={:08x} len={}\n{body}",
             crc32fast::hash(body.as_bytes()),
@@ -295,7 +302,12 @@ fn sigkill_at_any_moment_loses_and_duplicates_nothing() {
     let mut acked = 0u64;
     for round in 0..4u64 {
         let mut child = std::process::Command::new(&exe)
-            .args(["--exact", "sigkill_child_writer", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "sigkill_child_writer",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("SOCLINK_STORE_CHILD_DIR", dir.path())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
@@ -328,7 +340,11 @@ fn sigkill_at_any_moment_loses_and_duplicates_nothing() {
             if s % 7 < 4 { &mut d1 } else { &mut d2 }.extend(event(s));
         }
         assert_eq!(zcat(&data_file(dir.path(), DAY)), d1, "round {round}");
-        assert_eq!(zcat(&data_file(dir.path(), "2026-11-27")), d2, "round {round}");
+        assert_eq!(
+            zcat(&data_file(dir.path(), "2026-11-27")),
+            d2,
+            "round {round}"
+        );
         acked = stored;
     }
 }

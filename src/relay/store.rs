@@ -41,9 +41,11 @@
 //!    state is rewritten with that file at its current length (0 if absent). Hence a
 //!    store file that is *not* in the state holds only committed batches, and every file
 //!    that may hold uncommitted bytes is in the state with a length that cuts them off.
-//! 2. **Commit order.** `commit` fsyncs each touched store file once, then every
-//!    directory that gained an entry (new agent dir, source dir, store file), then writes
-//!    each touched agent's state (temp, fsync, rename) and fsyncs the state dir once.
+//! 2. **Commit order.** `commit` fsyncs each touched store file once; for each file
+//!    that got its first bytes, its source dir, agent dir and the store root (even if
+//!    they existed: the process that created them may have died before syncing them);
+//!    then writes each touched agent's state (temp, fsync, rename) and fsyncs the state
+//!    dir once.
 //!    Only then may the relay acknowledge. A crash before the rename leaves the previous
 //!    state, whose lengths cut off the new bytes; after it, the bytes are already durable.
 //! 3. **Open cuts back.** On open, every file in a state that is longer than its
@@ -275,7 +277,11 @@ impl StoreFs for RealFs {
     }
     fn write_at(&self, path: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let f = OpenOptions::new().write(true).create(true).open(path)?;
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
         f.write_all_at(data, offset)
     }
     fn set_len(&self, path: &Path, len: u64) -> io::Result<()> {
@@ -437,13 +443,17 @@ impl Store {
         create_dir_all(fs.as_ref(), &opts.store_dir)?;
         create_dir_all(fs.as_ref(), &opts.state_dir)?;
         let dedupe_dir = opts.state_dir.join(STATE_SUBDIR);
-        if fs
-            .create_dir(&dedupe_dir)
-            .map_err(io_err("create", &dedupe_dir))?
-        {
-            fs.sync_dir(&opts.state_dir)
-                .map_err(io_err("fsync", &opts.state_dir))?;
+        fs.create_dir(&dedupe_dir)
+            .map_err(io_err("create", &dedupe_dir))?;
+        // A previous process may have created these and died before syncing their
+        // entries; everything committed below them depends on those entries.
+        for dir in [&opts.store_dir, &opts.state_dir] {
+            if let Some(p) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fs.sync_dir(p).map_err(io_err("fsync", p))?;
+            }
         }
+        fs.sync_dir(&opts.state_dir)
+            .map_err(io_err("fsync", &opts.state_dir))?;
         let mut store = Store {
             fs,
             store_dir: opts.store_dir,
@@ -637,12 +647,15 @@ impl Store {
         let path = self.file_path(agent, source, day);
         let offset = self.offset_for(agent, &key, &path)?;
         if offset == 0 {
-            // First bytes of the file (new, or lost in a crash): its directories and its
-            // own entry must be durable before the commit records its length.
+            // First bytes of the file (new, or lost in a crash): its entry and those of
+            // its directories must be durable before the commit records its length. All
+            // three are synced even if they already exist: an earlier process may have
+            // created them and died before syncing them.
             self.ensure_dirs(agent, source)?;
-            if let Some(parent) = path.parent() {
-                self.dirs_to_sync.insert(parent.to_path_buf());
-            }
+            let agent_dir = self.store_dir.join(agent);
+            self.dirs_to_sync.insert(agent_dir.join(source));
+            self.dirs_to_sync.insert(agent_dir);
+            self.dirs_to_sync.insert(self.store_dir.clone());
         }
 
         if let Err(e) = self.fs.write_at(&path, offset, gzip) {
@@ -711,13 +724,12 @@ impl Store {
     fn ensure_dirs(&mut self, agent: &str, source: &str) -> Result<(), StoreError> {
         let agent_dir = self.store_dir.join(agent);
         let source_dir = agent_dir.join(source);
-        for (dir, parent) in [(agent_dir.clone(), self.store_dir.clone()), (source_dir, agent_dir)] {
+        // The caller syncs them and their parents (see `append`).
+        for dir in [agent_dir, source_dir] {
             if self.known_dirs.contains(&dir) {
                 continue;
             }
-            if self.fs.create_dir(&dir).map_err(io_err("create", &dir))? {
-                self.dirs_to_sync.insert(parent);
-            }
+            self.fs.create_dir(&dir).map_err(io_err("create", &dir))?;
             self.known_dirs.insert(dir);
         }
         Ok(())
@@ -846,10 +858,8 @@ fn create_dir_all(fs: &dyn StoreFs, dir: &Path) -> Result<(), StoreError> {
         }
         Err(e) => return Err(io_err("create", dir)(e)),
     };
-    if created {
-        if let Some(p) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fs.sync_dir(p).map_err(io_err("fsync", p))?;
-        }
+    if created && let Some(p) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs.sync_dir(p).map_err(io_err("fsync", p))?;
     }
     Ok(())
 }
@@ -879,7 +889,8 @@ fn write_state(
     };
     let path = dedupe_dir.join(format!("{agent}{STATE_SUFFIX}"));
     let tmp = dedupe_dir.join(format!("{agent}{STATE_SUFFIX}{TEMP_SUFFIX}"));
-    let json = serde_json::to_vec(&body).map_err(|e| io_err("encode", &path)(io::Error::other(e)))?;
+    let json =
+        serde_json::to_vec(&body).map_err(|e| io_err("encode", &path)(io::Error::other(e)))?;
     let mut data = format!(
         "{HEADER_MAGIC} crc32={:08x} len={}\n",
         crc32fast::hash(&json),
@@ -926,7 +937,10 @@ fn read_state(fs: &dyn StoreFs, path: &Path, agent: &str) -> Result<AgentState, 
     if body.len() != len {
         return Err(corrupt(
             path,
-            format!("body is {} bytes, header says {len} (torn write?)", body.len()),
+            format!(
+                "body is {} bytes, header says {len} (torn write?)",
+                body.len()
+            ),
         ));
     }
     if crc32fast::hash(body) != crc {
@@ -943,7 +957,10 @@ fn read_state(fs: &dyn StoreFs, path: &Path, agent: &str) -> Result<AgentState, 
     if b.streams.len() > MAX_STREAMS || b.files.len() > MAX_FILES {
         return Err(corrupt(path, "more entries than the limits allow"));
     }
-    if b.streams.keys().any(|s| validate_name(NameField::Stream, s).is_err()) {
+    if b.streams
+        .keys()
+        .any(|s| validate_name(NameField::Stream, s).is_err())
+    {
         return Err(corrupt(path, "invalid stream name inside"));
     }
     let mut files = BTreeMap::new();
@@ -1062,12 +1079,28 @@ mod tests {
 
     #[test]
     fn days_are_checked_against_the_calendar() {
-        for ok in ["2026-01-31", "2024-02-29", "2000-02-29", "0001-01-01", "9999-12-31"] {
+        for ok in [
+            "2026-01-31",
+            "2024-02-29",
+            "2000-02-29",
+            "0001-01-01",
+            "9999-12-31",
+        ] {
             assert!(validate_day(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "2026-13-45", "2026-02-29", "1900-02-29", "2026-04-31", "0000-01-01", "2026-1-01",
-            "2026-01-1", "2026/01/01", "+026-01-01", "2026-01-01\n", "", "２０２６-01-01",
+            "2026-13-45",
+            "2026-02-29",
+            "1900-02-29",
+            "2026-04-31",
+            "0000-01-01",
+            "2026-1-01",
+            "2026-01-1",
+            "2026/01/01",
+            "+026-01-01",
+            "2026-01-01\n",
+            "",
+            "２０２６-01-01",
         ] {
             assert!(validate_day(bad).is_err(), "{bad:?}");
         }
@@ -1080,11 +1113,17 @@ mod tests {
         let fresh = now - PRUNE_AFTER.as_secs();
         s.files.insert(
             ("a".into(), "2026-01-01".into()),
-            FileEntry { len: 5, touched_unix: fresh },
+            FileEntry {
+                len: 5,
+                touched_unix: fresh,
+            },
         );
         s.files.insert(
             ("a".into(), "2026-01-02".into()),
-            FileEntry { len: 5, touched_unix: fresh - 1 },
+            FileEntry {
+                len: 5,
+                touched_unix: fresh - 1,
+            },
         );
         prune(&mut s, now);
         assert_eq!(
