@@ -348,3 +348,106 @@ fn sigkill_at_any_moment_loses_and_duplicates_nothing() {
         acked = stored;
     }
 }
+
+/// Rewrites an agent's state body with a valid header, as a test of what open trusts.
+fn rewrite_state(root: &Path, agent: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = root.join(format!("state/dedupe/{agent}.state"));
+    let text = String::from_utf8(std::fs::read(&path).unwrap()).unwrap();
+    let mut body: serde_json::Value =
+        serde_json::from_str(text.split_once('\n').unwrap().1).unwrap();
+    edit(&mut body);
+    let body = serde_json::to_string(&body).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "soclink-store-state v1 crc32={:08x} len={}\n{body}",
+            crc32fast::hash(body.as_bytes()),
+            body.len()
+        ),
+    )
+    .unwrap();
+}
+
+/// A file whose entry was pruned (an old day the agent backfills) is recorded at its
+/// current length before the first new byte, so a crash cuts only the new bytes.
+#[test]
+fn a_pruned_file_that_is_written_again_is_cut_back_to_its_old_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = data_file(dir.path(), DAY);
+    let (mut store, _) = Store::open(opts(dir.path())).unwrap();
+    append_range(&mut store, 1..=2, DAY);
+    store.commit().unwrap();
+    drop(store);
+    let old_end = std::fs::metadata(&file).unwrap().len();
+    rewrite_state(dir.path(), "agent", |b| {
+        b["files"] = serde_json::json!([]);
+    });
+
+    let (mut store, recovery) = Store::open(opts(dir.path())).unwrap();
+    assert!(recovery.is_clean(), "{recovery:?}");
+    append_range(&mut store, 3..=4, DAY);
+    drop(store);
+    let (mut store, recovery) = Store::open(opts(dir.path())).unwrap();
+    assert_eq!(recovery.truncated.len(), 1);
+    assert_eq!(recovery.truncated[0].to, old_end);
+    append_range(&mut store, 3..=4, DAY);
+    store.commit().unwrap();
+    assert_eq!(zcat(&file), expected_raw(1..=4));
+}
+
+/// An operator moving the current file away while the relay runs must not make the next
+/// append leave a hole of zeros (unreadable by zcat).
+#[test]
+fn a_file_moved_away_while_running_restarts_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = data_file(dir.path(), DAY);
+    let (mut store, _) = Store::open(opts(dir.path())).unwrap();
+    append_range(&mut store, 1..=2, DAY);
+    store.commit().unwrap();
+    std::fs::rename(&file, dir.path().join("archived.gz")).unwrap();
+    append_range(&mut store, 3..=3, DAY);
+    // Crash before commit: the new file must be cut to nothing, not kept.
+    drop(store);
+    let (mut store, recovery) = Store::open(opts(dir.path())).unwrap();
+    assert!(recovery.missing.is_empty(), "{recovery:?}");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 0);
+    append_range(&mut store, 3..=4, DAY);
+    store.commit().unwrap();
+    assert_eq!(zcat(&file), expected_raw(3..=4));
+    assert_eq!(zcat(&dir.path().join("archived.gz")), expected_raw(1..=2));
+}
+
+#[test]
+fn overlapping_store_and_state_dirs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    for (state, ok) in [
+        (store_dir.clone(), false),
+        (store_dir.join("state"), false),
+        (store_dir.join(".state"), true),
+        (dir.path().join("state"), true),
+    ] {
+        let r = Store::open(StoreOptions {
+            store_dir: store_dir.clone(),
+            state_dir: state.clone(),
+        });
+        match r {
+            Ok(_) => assert!(ok, "{} accepted", state.display()),
+            Err(StoreError::Options(_)) => assert!(!ok, "{} refused", state.display()),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let e = Store::open(StoreOptions {
+        store_dir: dir.path().join("s2/dedupe/x"),
+        state_dir: dir.path().join("s2"),
+    })
+    .unwrap_err();
+    assert!(matches!(e, StoreError::Options(_)), "{e}");
+}
+
+#[test]
+fn the_store_can_move_to_a_blocking_task() {
+    fn send<T: Send + 'static>() {}
+    send::<Store>();
+    send::<StoreError>();
+}

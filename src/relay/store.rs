@@ -168,6 +168,9 @@ pub enum StoreError {
         path.display()
     )]
     CorruptState { path: PathBuf, reason: String },
+    /// `store_dir` and `state_dir` overlap so that names could collide.
+    #[error("store options: {0}")]
+    Options(String),
     /// Another process holds the store.
     #[error("{}: store is in use by another process", path.display())]
     Locked { path: PathBuf },
@@ -440,6 +443,7 @@ impl Store {
         opts: StoreOptions,
         fs: Arc<dyn StoreFs>,
     ) -> Result<(Store, StoreRecovery), StoreError> {
+        check_layout(&opts)?;
         create_dir_all(fs.as_ref(), &opts.store_dir)?;
         create_dir_all(fs.as_ref(), &opts.state_dir)?;
         let dedupe_dir = opts.state_dir.join(STATE_SUBDIR);
@@ -659,9 +663,12 @@ impl Store {
         }
 
         if let Err(e) = self.fs.write_at(&path, offset, gzip) {
-            // Cut the torn tail; if even that fails, memory and disk may disagree.
-            if self.fs.set_len(&path, offset).is_err() {
-                self.poisoned = true;
+            // Cut the torn tail; if even that fails, memory and disk may disagree. A
+            // file that was never created has no tail.
+            match self.fs.set_len(&path, offset) {
+                Ok(()) => {}
+                Err(e2) if offset == 0 && e2.kind() == io::ErrorKind::NotFound => {}
+                Err(_) => self.poisoned = true,
             }
             return Err(io_err("write", &path)(e));
         }
@@ -677,16 +684,17 @@ impl Store {
     }
 
     /// Where the next append to `key` goes; records an intent first (rule 1) when the
-    /// file is not in the agent's state.
+    /// file is not in the agent's state, or no longer has its recorded length (an
+    /// operator moved it away while the relay ran): appending at the recorded offset
+    /// would leave a hole, and open would later take uncommitted bytes as durable.
     fn offset_for(&mut self, agent: &str, key: &FileKey, path: &Path) -> Result<u64, StoreError> {
+        let mut recorded = None;
         if let Some(a) = self.agents.get(agent) {
             if let Some(len) = a.pending_len.get(key) {
                 return Ok(*len);
             }
-            if let Some(e) = a.durable.files.get(key) {
-                return Ok(e.len);
-            }
-            if a.durable.files.len() >= MAX_FILES {
+            recorded = a.durable.files.get(key).map(|e| e.len);
+            if recorded.is_none() && a.durable.files.len() >= MAX_FILES {
                 return Err(StoreError::LimitExceeded {
                     agent: agent.to_string(),
                     what: "store files in use",
@@ -699,6 +707,12 @@ impl Store {
             .file_len(path)
             .map_err(io_err("stat", path))?
             .unwrap_or(0);
+        match recorded {
+            Some(r) if r == len => return Ok(len),
+            Some(r) => tracing::warn!(path = %path.display(), recorded = r, actual = len,
+                "store: file changed behind the relay's back; continuing after its current end"),
+            None => {}
+        }
         let mut intent = self
             .agents
             .get(agent)
@@ -843,6 +857,34 @@ impl Store {
 fn prune(s: &mut AgentState, now_unix: u64) {
     let horizon = now_unix.saturating_sub(PRUNE_AFTER.as_secs());
     s.files.retain(|_, e| e.touched_unix >= horizon);
+}
+
+/// Refuses layouts where an agent directory could be the state directory or the other
+/// way round (compared by path, as configured).
+fn check_layout(opts: &StoreOptions) -> Result<(), StoreError> {
+    let (store, state) = (&opts.store_dir, &opts.state_dir);
+    if let Ok(rest) = state.strip_prefix(store) {
+        let hidden = rest
+            .components()
+            .next()
+            .is_some_and(|c| c.as_os_str().to_string_lossy().starts_with('.'));
+        if !hidden {
+            return Err(StoreError::Options(format!(
+                "state_dir {} is inside store_dir {} where an agent id could collide with \
+                 it; use a separate directory (or one whose name starts with '.')",
+                state.display(),
+                store.display()
+            )));
+        }
+    }
+    if store.starts_with(state.join(STATE_SUBDIR)) || store == &state.join(LOCK_FILE) {
+        return Err(StoreError::Options(format!(
+            "store_dir {} collides with the store's own files in state_dir {}",
+            store.display(),
+            state.display()
+        )));
+    }
+    Ok(())
 }
 
 /// `mkdir -p` through the seam, fsyncing each parent that gained an entry.
