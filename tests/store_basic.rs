@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use flate2::Compression;
 use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
-use soclink::relay::store::{AppendOutcome, NameField, Store, StoreError, StoreOptions};
+use soclink::relay::store::{
+    AppendOutcome, NameField, RealFs, Store, StoreError, StoreFs, StoreOptions,
+};
 
 fn gz(ndjson: &[u8]) -> Vec<u8> {
     let mut e = GzEncoder::new(Vec::new(), Compression::default());
@@ -296,4 +298,132 @@ fn second_open_is_refused_while_the_store_is_in_use() {
     assert!(matches!(e, StoreError::Locked { .. }), "{e}");
     drop(store);
     Store::open(opts(dir.path())).unwrap();
+}
+
+/// Counts syncs on the real file system.
+#[derive(Default)]
+struct CountingFs {
+    file_syncs: std::sync::Mutex<Vec<PathBuf>>,
+    dir_syncs: std::sync::Mutex<Vec<PathBuf>>,
+}
+
+impl StoreFs for CountingFs {
+    fn create_dir(&self, p: &Path) -> std::io::Result<bool> {
+        RealFs.create_dir(p)
+    }
+    fn file_len(&self, p: &Path) -> std::io::Result<Option<u64>> {
+        RealFs.file_len(p)
+    }
+    fn write_at(&self, p: &Path, off: u64, d: &[u8]) -> std::io::Result<()> {
+        RealFs.write_at(p, off, d)
+    }
+    fn set_len(&self, p: &Path, len: u64) -> std::io::Result<()> {
+        RealFs.set_len(p, len)
+    }
+    fn sync_file(&self, p: &Path) -> std::io::Result<()> {
+        self.file_syncs.lock().unwrap().push(p.to_path_buf());
+        RealFs.sync_file(p)
+    }
+    fn sync_dir(&self, p: &Path) -> std::io::Result<()> {
+        self.dir_syncs.lock().unwrap().push(p.to_path_buf());
+        RealFs.sync_dir(p)
+    }
+    fn read_limited(&self, p: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+        RealFs.read_limited(p, limit)
+    }
+    fn write_file(&self, p: &Path, d: &[u8]) -> std::io::Result<()> {
+        RealFs.write_file(p, d)
+    }
+    fn rename(&self, a: &Path, b: &Path) -> std::io::Result<()> {
+        RealFs.rename(a, b)
+    }
+    fn remove_file(&self, p: &Path) -> std::io::Result<()> {
+        RealFs.remove_file(p)
+    }
+    fn list_dir(&self, p: &Path) -> std::io::Result<Vec<String>> {
+        RealFs.list_dir(p)
+    }
+}
+
+/// One commit of many batches: one fsync per touched store file, one per touched
+/// agent's state, one of the state directory; no directory syncs for existing files.
+#[test]
+fn group_commit_syncs_each_file_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = std::sync::Arc::new(CountingFs::default());
+    let (mut store, _) = Store::open_with_fs(opts(dir.path()), fs.clone()).unwrap();
+    let day = "2026-11-26";
+    // First batch of each file: directories and intents.
+    for agent in ["a", "b"] {
+        store.append(agent, "s", 1, "x", day, &gz(b"{}\n")).unwrap();
+    }
+    store.commit().unwrap();
+    fs.file_syncs.lock().unwrap().clear();
+    fs.dir_syncs.lock().unwrap().clear();
+
+    for seq in 2..=21 {
+        for agent in ["a", "b"] {
+            store
+                .append(agent, "s", seq, "x", day, &gz(b"{}\n"))
+                .unwrap();
+        }
+    }
+    assert_eq!(store.uncommitted(), 40);
+    store.commit().unwrap();
+    assert_eq!(store.uncommitted(), 0);
+    let mut files = fs.file_syncs.lock().unwrap().clone();
+    files.sort();
+    let st = dir.path().join("store");
+    let state = dir.path().join("state/dedupe");
+    assert_eq!(
+        files,
+        [
+            state.join("a.state.tmp"),
+            state.join("b.state.tmp"),
+            st.join("a/x/2026-11-26.ndjson.gz"),
+            st.join("b/x/2026-11-26.ndjson.gz"),
+        ]
+    );
+    assert_eq!(*fs.dir_syncs.lock().unwrap(), [state]);
+    assert_eq!(store.stored_seq("a", "s"), 21);
+    // Nothing to do: no syncs at all.
+    fs.dir_syncs.lock().unwrap().clear();
+    store.commit().unwrap();
+    assert!(fs.dir_syncs.lock().unwrap().is_empty());
+}
+
+#[test]
+fn streams_per_agent_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, _) = Store::open(opts(dir.path())).unwrap();
+    let m = gz(b"{}\n");
+    let max = soclink::relay::store::MAX_STREAMS;
+    for i in 0..max {
+        store
+            .append("a", &format!("s{i}"), 1, "x", "2026-11-26", &m)
+            .unwrap();
+    }
+    let e = store
+        .append("a", "one-more", 1, "x", "2026-11-26", &m)
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::LimitExceeded { limit, .. } if limit == max),
+        "{e}"
+    );
+    // Known streams and other agents go on.
+    assert_eq!(
+        store.append("a", "s0", 2, "x", "2026-11-26", &m).unwrap(),
+        AppendOutcome::Appended
+    );
+    assert_eq!(
+        store.append("b", "s0", 1, "x", "2026-11-26", &m).unwrap(),
+        AppendOutcome::Appended
+    );
+    store.commit().unwrap();
+    drop(store);
+    let (mut store, _) = Store::open(opts(dir.path())).unwrap();
+    let e = store
+        .append("a", "one-more", 1, "x", "2026-11-26", &m)
+        .unwrap_err();
+    assert!(matches!(e, StoreError::LimitExceeded { .. }), "{e}");
 }

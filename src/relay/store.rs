@@ -41,6 +41,9 @@
 //!    state is rewritten with that file at its current length (0 if absent). Hence a
 //!    store file that is *not* in the state holds only committed batches, and every file
 //!    that may hold uncommitted bytes is in the state with a length that cuts them off.
+//!    The same happens when a file no longer has its recorded length (an operator moved
+//!    it away while the relay ran), so an append never leaves a hole. Cost: one extra
+//!    state write per new (agent, source, day), e.g. per source at each UTC midnight.
 //! 2. **Commit order.** `commit` fsyncs each touched store file once; for each file
 //!    that got its first bytes, its source dir, agent dir and the store root (even if
 //!    they existed: the process that created them may have died before syncing them);
@@ -65,7 +68,12 @@
 //!    and [`MAX_FILES`] file entries; state files larger than [`MAX_STATE_BYTES`] are
 //!    refused as corrupt.
 //!
-//! Names (agent, source) are single safe path components; `day` must be a real date.
+//! [`Store::stored_seq`] and [`Store::agents`] report committed data only; dedupe in
+//! [`Store::append`] also counts appends not yet committed. One process at a time:
+//! [`Store::open`] holds an exclusive lock on `<state_dir>/store.lock`.
+//!
+//! Names (agent, source) are single safe path components (not empty, at most
+//! [`MAX_NAME_BYTES`] bytes, no leading `.`, no `/` or `\`, no control characters); `day` must be a real date.
 //! Source names `incidents` and `intel` are reserved: those folders hold incident
 //! records and SOC uploads in the same agent directory.
 //!
@@ -596,7 +604,9 @@ impl Store {
     /// Appends one batch's gzip member to its store file; durable only after
     /// [`Store::commit`]. `seq` must continue the stream: at or below its position is a
     /// [`AppendOutcome::Duplicate`], beyond position + 1 a [`AppendOutcome::Gap`]
-    /// (nothing written either way).
+    /// (nothing written either way; `seq` 0, never valid, counts as a duplicate).
+    /// Typed errors, with nothing written and the store still usable, for unsafe names
+    /// ([`StoreError::InvalidName`], [`StoreError::InvalidDay`]) and per-agent bounds.
     pub fn append(
         &mut self,
         agent: &str,
@@ -638,7 +648,12 @@ impl Store {
         if let Some(a) = known {
             let new_stream =
                 !a.durable.streams.contains_key(stream) && !a.pending_seq.contains_key(stream);
-            if new_stream && a.durable.streams.len() + a.pending_seq.len() >= MAX_STREAMS {
+            let pending_new = a
+                .pending_seq
+                .keys()
+                .filter(|k| !a.durable.streams.contains_key(*k))
+                .count();
+            if new_stream && a.durable.streams.len() + pending_new >= MAX_STREAMS {
                 return Err(StoreError::LimitExceeded {
                     agent: agent.to_string(),
                     what: "streams",
@@ -1079,6 +1094,7 @@ fn validate_day(day: &str) -> Result<(), StoreError> {
         value: day.chars().take(64).collect(),
     };
     let b = day.as_bytes();
+    // Indexing cannot panic: the length is checked first.
     if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
         return Err(bad());
     }
