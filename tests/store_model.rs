@@ -193,6 +193,11 @@ impl SimFs {
     /// Power loss: every entry not made durable may or may not survive; file data past
     /// the last fsync survives in part, possibly as zeros (delayed allocation).
     fn power_loss(&self, seed: u64) {
+        self.power_loss_with(seed, false)
+    }
+
+    /// `strict`: keep nothing that was not synced (the harshest outcome).
+    fn power_loss_with(&self, seed: u64, strict: bool) {
         let mut rng = Rng(seed | 1);
         let mut s = self.0.lock().unwrap();
         let s = &mut *s;
@@ -202,7 +207,11 @@ impl SimFs {
         let mut ns = BTreeMap::new();
         for p in paths {
             let (l, d) = (s.live.get(&p).copied(), s.durable.get(&p).copied());
-            let pick = if l == d || rng.below(2) == 0 { d } else { l };
+            let pick = if l == d || strict || rng.below(2) == 0 {
+                d
+            } else {
+                l
+            };
             let parent_ok = match p.parent() {
                 Some(q) if q == Path::new("/") => true,
                 Some(q) => ns.get(q) == Some(&Node::Dir),
@@ -215,7 +224,8 @@ impl SimFs {
         for inode in s.inodes.values_mut() {
             let data = std::mem::take(&mut inode.data);
             let mut kept = inode.synced.clone();
-            if data.starts_with(&inode.synced) && data.len() > kept.len() {
+            if strict {
+            } else if data.starts_with(&inode.synced) && data.len() > kept.len() {
                 let extra = &data[kept.len()..];
                 let n = rng.below(extra.len() + 1);
                 match rng.below(3) {
@@ -427,4 +437,27 @@ proptest! {
         let store = open(&fs);
         check(&fs, &store, &model)?;
     }
+}
+
+/// Found by the model: a relay killed after creating an agent's directories (before any
+/// commit) left them unsynced; the next process found them existing, synced only the
+/// file's own directory at commit, and a power loss then lost the acknowledged file.
+#[test]
+fn regression_directories_created_by_a_killed_relay_are_synced_at_first_commit() {
+    let fs = SimFs::default();
+    fs.create_dir(Path::new("/srv")).unwrap();
+    fs.sync_dir(Path::new("/")).unwrap();
+    let open = |fs: &SimFs| Store::open_with_fs(opts(), Arc::new(fs.clone())).unwrap().0;
+    let m1 = gz(b"{\"n\":1}\n");
+    let mut store = open(&fs);
+    store.append("a1", "s1", 1, "auth", DAYS[0], &m1).unwrap();
+    drop(store); // killed: directories exist, never synced
+    let mut store = open(&fs);
+    store.append("a1", "s1", 1, "auth", DAYS[0], &m1).unwrap();
+    store.commit().unwrap(); // acknowledged from here on
+    drop(store);
+    fs.power_loss_with(1, true);
+    let store = open(&fs);
+    assert_eq!(store.stored_seq("a1", "s1"), 1);
+    assert_eq!(fs.read(&path_of((0, 0, 0))), Some(m1));
 }
