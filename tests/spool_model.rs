@@ -14,12 +14,19 @@ use soclink::spool::{Record, Spool, SpoolError, SpoolOptions};
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { meta_len: usize, payload_len: usize, fill: u8 },
+    Append {
+        meta_len: usize,
+        payload_len: usize,
+        fill: u8,
+    },
     Commit,
     ReadNext,
     Ack(usize),
     SetCheckpointed(usize),
-    Crash { torn: bool, seed: u64 },
+    Crash {
+        torn: bool,
+        seed: u64,
+    },
     Restart,
 }
 
@@ -87,11 +94,19 @@ fn run(ops: Vec<Op>) {
     };
     for op in ops {
         match op {
-            Op::Append { meta_len, payload_len, fill } => {
+            Op::Append {
+                meta_len,
+                payload_len,
+                fill,
+            } => {
                 let meta = content(1, meta_len, fill);
                 let payload = content(2, payload_len, fill ^ 0x5a);
                 let seq = spool.append(&meta, &payload).unwrap();
-                assert!(seq > m.max_committed, "seq {seq} reused (max committed {})", m.max_committed);
+                assert!(
+                    seq > m.max_committed,
+                    "seq {seq} reused (max committed {})",
+                    m.max_committed
+                );
                 if !m.reopened_since_append && m.last_appended != 0 {
                     assert_eq!(seq, m.last_appended + 1, "seqs not contiguous");
                 }
@@ -116,7 +131,14 @@ fn run(ops: Vec<Op>) {
                 let got = spool.read(m.cursor).unwrap();
                 match (got, expected) {
                     (Some(r), Some((seq, (meta, payload)))) => {
-                        assert_eq!(r, Record { seq: *seq, meta: meta.clone(), payload: payload.clone() });
+                        assert_eq!(
+                            r,
+                            Record {
+                                seq: *seq,
+                                meta: meta.clone(),
+                                payload: payload.clone()
+                            }
+                        );
                         m.cursor = r.seq + 1;
                     }
                     (None, None) => {}
@@ -124,7 +146,8 @@ fn run(ops: Vec<Op>) {
                 }
             }
             Op::Ack(i) => {
-                let candidates: Vec<u64> = m.durable.keys().copied().filter(|s| *s > m.acked).collect();
+                let candidates: Vec<u64> =
+                    m.durable.keys().copied().filter(|s| *s > m.acked).collect();
                 if candidates.is_empty() {
                     continue;
                 }
@@ -135,8 +158,12 @@ fn run(ops: Vec<Op>) {
                 release(&mut m);
             }
             Op::SetCheckpointed(i) => {
-                let candidates: Vec<u64> =
-                    m.durable.keys().copied().filter(|s| *s > m.checkpointed).collect();
+                let candidates: Vec<u64> = m
+                    .durable
+                    .keys()
+                    .copied()
+                    .filter(|s| *s > m.checkpointed)
+                    .collect();
                 if candidates.is_empty() {
                     continue;
                 }
@@ -176,23 +203,48 @@ fn release(m: &mut Model) {
 
 fn reopen(fs: &SimFs, dir: &Path, m: &mut Model) -> Spool {
     let spool = open(fs, dir);
-    assert_eq!(spool.acked(), m.acked, "ack lost or invented across restart");
+    assert_eq!(
+        spool.acked(),
+        m.acked,
+        "ack lost or invented across restart"
+    );
     assert_eq!(spool.checkpointed(), m.checkpointed);
     // Everything present from the checkpoint on: the committed records, then a prefix
     // of the uncommitted ones (whatever reached the disk).
     let from = m.acked.min(m.checkpointed) + 1;
-    let present: Vec<Record> = spool.records_from(from).collect::<Result<_, SpoolError>>().unwrap();
+    let present: Vec<Record> = spool
+        .records_from(from)
+        .collect::<Result<_, SpoolError>>()
+        .unwrap();
     let committed: Vec<Record> = m
         .durable
         .range(from..)
-        .map(|(seq, (meta, payload))| Record { seq: *seq, meta: meta.clone(), payload: payload.clone() })
+        .map(|(seq, (meta, payload))| Record {
+            seq: *seq,
+            meta: meta.clone(),
+            payload: payload.clone(),
+        })
         .collect();
-    assert!(present.len() >= committed.len(), "committed records lost: have {present:?}, want {committed:?}");
-    assert_eq!(present[..committed.len()], committed[..], "committed records differ");
+    assert!(
+        present.len() >= committed.len(),
+        "committed records lost: have {present:?}, want {committed:?}"
+    );
+    assert_eq!(
+        present[..committed.len()],
+        committed[..],
+        "committed records differ"
+    );
     let extra = &present[committed.len()..];
-    assert!(extra.len() <= m.pending.len(), "records appeared from nowhere: {extra:?}");
+    assert!(
+        extra.len() <= m.pending.len(),
+        "records appeared from nowhere: {extra:?}"
+    );
     for (r, (seq, meta, payload)) in extra.iter().zip(&m.pending) {
-        assert_eq!((&r.seq, &r.meta, &r.payload), (seq, meta, payload), "survivor is not a prefix of the uncommitted records");
+        assert_eq!(
+            (&r.seq, &r.meta, &r.payload),
+            (seq, meta, payload),
+            "survivor is not a prefix of the uncommitted records"
+        );
     }
     for r in extra {
         m.durable.insert(r.seq, (r.meta.clone(), r.payload.clone()));
@@ -235,6 +287,13 @@ fn simfs_crash_drops_unsynced_state() {
     fs.crash();
     let spool = open(&fs, &dir);
     let all: Vec<Record> = spool.records_from(0).map(Result::unwrap).collect();
-    assert_eq!(all, vec![Record { seq: 1, meta: b"m".to_vec(), payload: b"committed".to_vec() }]);
+    assert_eq!(
+        all,
+        vec![Record {
+            seq: 1,
+            meta: b"m".to_vec(),
+            payload: b"committed".to_vec()
+        }]
+    );
     assert!(fs.sync_counts().0 > 0 && fs.sync_counts().1 > 0);
 }

@@ -48,7 +48,10 @@ pub fn encode_segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER_LEN] {
 /// Validates a segment header; returns its `first_seq`, or why it is not valid.
 pub fn decode_segment_header(h: &[u8]) -> Result<u64, String> {
     if h.len() < SEGMENT_HEADER_LEN {
-        return Err(format!("header is {} bytes, need {SEGMENT_HEADER_LEN}", h.len()));
+        return Err(format!(
+            "header is {} bytes, need {SEGMENT_HEADER_LEN}",
+            h.len()
+        ));
     }
     if h[0..8] != SEGMENT_MAGIC {
         return Err("bad segment magic".into());
@@ -150,7 +153,10 @@ pub fn encode_ledger(l: Ledger) -> [u8; LEDGER_LEN] {
 
 pub fn decode_ledger(b: &[u8]) -> Result<Ledger, String> {
     if b.len() != LEDGER_LEN {
-        return Err(format!("ledger is {} bytes, expected {LEDGER_LEN}", b.len()));
+        return Err(format!(
+            "ledger is {} bytes, expected {LEDGER_LEN}",
+            b.len()
+        ));
     }
     if b[0..8] != LEDGER_MAGIC {
         return Err("bad ledger magic".into());

@@ -15,7 +15,7 @@ use std::path::Path;
 /// An open file: read at any offset, write only at the end.
 pub trait FsFile: Send + Sync {
     /// Current length, including written but unsynced bytes.
-    fn len(&self) -> io::Result<u64>;
+    fn size(&self) -> io::Result<u64>;
     /// Reads up to `buf.len()` bytes at `offset`; returns how many were read (0 at end).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
     /// Appends all of `data` at the end of the file (not durable until [`FsFile::sync`]).
@@ -50,7 +50,7 @@ pub struct RealFs;
 struct RealFile(File);
 
 impl FsFile for RealFile {
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
     }
 

@@ -320,7 +320,9 @@ pub struct Spool {
 
 impl std::fmt::Debug for Spool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Spool").field("stats", &self.stats()).finish()
+        f.debug_struct("Spool")
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
@@ -521,7 +523,7 @@ impl Spool {
             let path = dir.join(name);
             floor = floor.max(first_seq);
             let mut file = fs.open(&path, false).map_err(io_err(&path))?;
-            let len = file.len().map_err(io_err(&path))?;
+            let len = file.size().map_err(io_err(&path))?;
 
             if len < SEGMENT_HEADER_LEN as u64 && is_newest {
                 fs.remove_file(&path).map_err(io_err(&path))?;
@@ -561,7 +563,10 @@ impl Spool {
                     path.display()
                 ));
             }
-            let last_seq = scan.entries.last().map_or(first_seq.saturating_sub(1), |e| e.seq);
+            let last_seq = scan
+                .entries
+                .last()
+                .map_or(first_seq.saturating_sub(1), |e| e.seq);
             let mut seg_len = len;
             if let Some(tail) = scan.tail {
                 let cut = len - tail;
@@ -854,7 +859,7 @@ impl Iterator for Records {
 fn load_ledger(fs: &dyn Fs, dir: &Path, rec: &mut Recovery) -> Result<Ledger, SpoolError> {
     let path = dir.join(LEDGER_FILE);
     let file = fs.open(&path, false).map_err(io_err(&path))?;
-    let len = file.len().map_err(io_err(&path))?;
+    let len = file.size().map_err(io_err(&path))?;
     let decoded = if len == format::LEDGER_LEN as u64 {
         let mut buf = [0u8; format::LEDGER_LEN];
         read_exact_at(file.as_ref(), 0, &mut buf).map_err(io_err(&path))?;

@@ -175,14 +175,16 @@ fn inode_mut(st: &mut State, id: u64) -> io::Result<&mut Inode> {
 }
 
 impl FsFile for SimFile {
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         self.with(|st, id| Ok(inode_mut(st, id)?.current.len() as u64))
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         self.with(|st, id| {
             let data = &inode_mut(st, id)?.current;
-            let start = usize::try_from(offset).unwrap_or(usize::MAX).min(data.len());
+            let start = usize::try_from(offset)
+                .unwrap_or(usize::MAX)
+                .min(data.len());
             let n = buf.len().min(data.len() - start);
             buf[..n].copy_from_slice(&data[start..start + n]);
             Ok(n)
