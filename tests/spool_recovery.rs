@@ -414,3 +414,23 @@ fn ten_thousand_records_round_trip_exactly() {
     assert_eq!(spool.read(1).unwrap().map(|r| r.seq), Some(5_001));
     assert_eq!(spool.stats().first_unacked, 5_001);
 }
+
+#[test]
+fn a_second_open_of_the_same_directory_is_refused() {
+    fn shareable<T: Clone + Send + Sync + 'static>() {}
+    shareable::<Spool>();
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), opts()).unwrap();
+    let clone = spool.clone();
+    assert!(matches!(
+        Spool::open(dir.path(), opts()),
+        Err(SpoolError::Locked { .. })
+    ));
+    drop(spool);
+    // A clone keeps the lock; the last drop releases it.
+    assert!(Spool::open(dir.path(), opts()).is_err());
+    drop(clone);
+    let (spool, recovery) = Spool::open(dir.path(), opts()).unwrap();
+    assert!(recovery.is_clean());
+    drop(spool);
+}

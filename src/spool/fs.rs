@@ -41,7 +41,14 @@ pub trait Fs: Send + Sync {
     fn remove_file(&self, path: &Path) -> io::Result<()>;
     /// Makes the entries of `dir` durable (`fsync` on the directory).
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Takes an exclusive lock named `path`, held until the returned guard is dropped;
+    /// fails with [`io::ErrorKind::WouldBlock`] if someone (this process included)
+    /// holds it.
+    fn try_lock(&self, path: &Path) -> io::Result<LockGuard>;
 }
+
+/// Holds a lock from [`Fs::try_lock`] until dropped.
+pub type LockGuard = Box<dyn std::any::Any + Send + Sync>;
 
 /// [`Fs`] on the real file system (`std::fs`, Unix).
 #[derive(Debug, Clone, Copy, Default)]
@@ -115,5 +122,20 @@ impl Fs for RealFs {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+
+    fn try_lock(&self, path: &Path) -> io::Result<LockGuard> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
+        // flock(2): per open file, so a second open in this process conflicts too,
+        // and the kernel drops it when the process dies.
+        match file.try_lock() {
+            Ok(()) => Ok(Box::new(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
     }
 }

@@ -23,8 +23,9 @@
 //!   readers check every length against that bound and the file size before allocating;
 //! - all integers are little-endian; every record, segment header and ledger is
 //!   checksummed (CRC32, IEEE);
-//! - one process owns a spool directory at a time (the caller's job, e.g. via its
-//!   state directory); within the process [`Spool`] is `Clone + Send + Sync`.
+//! - one [`Spool`] owns a directory at a time: open takes an exclusive `flock` on
+//!   `<dir>/lock` and fails with [`SpoolError::Locked`] otherwise; share the `Spool`
+//!   (it is `Clone + Send + Sync`) instead of opening twice.
 //!
 //! ## On-disk layout
 //!
@@ -33,6 +34,7 @@
 //! <dir>/00000000000000004711.seg   the newest segment: the only one written to
 //! <dir>/acked                      the ack ledger
 //! <dir>/acked.tmp                  a ledger being written (ignored and removed on open)
+//! <dir>/lock                       flock held while the spool is open
 //! <dir>/*.corrupt                  quarantined files, kept for an operator to inspect
 //! ```
 //!
@@ -154,6 +156,8 @@ pub use self::fs::{Fs, FsFile, RealFs};
 /// Name of the ack ledger inside the spool directory.
 pub const LEDGER_FILE: &str = "acked";
 const LEDGER_TMP: &str = "acked.tmp";
+/// Held (flock) while a [`Spool`] is open: two writers would corrupt each other.
+const LOCK_FILE: &str = "lock";
 const SEGMENT_SUFFIX: &str = ".seg";
 const CORRUPT_SUFFIX: &str = ".corrupt";
 /// Appended records are written to the file once this much is buffered.
@@ -235,6 +239,8 @@ pub struct SpoolStats {
 /// Errors of the spool. Callers branch on `Full` (wait for acks) and `Failed` (reopen).
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
+    #[error("spool {} is in use by another process (or another Spool in this one)", path.display())]
+    Locked { path: PathBuf },
     #[error("spool I/O error on {}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -304,6 +310,8 @@ struct Inner {
     /// sequential reads do not reopen files.
     reader: Option<(u64, Box<dyn FsFile>)>,
     failed: Option<String>,
+    /// Exclusive lock on the directory, released when the last clone is dropped.
+    _lock: fs::LockGuard,
 }
 
 struct Shared {
@@ -489,6 +497,14 @@ impl Spool {
     ) -> Result<(Spool, Recovery), SpoolError> {
         opts.segment_size = opts.segment_size.min(opts.max_size / 2).max(1);
         fs.create_dir_all(dir).map_err(io_err(dir))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = match fs.try_lock(&lock_path) {
+            Ok(guard) => guard,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(SpoolError::Locked { path: lock_path });
+            }
+            Err(e) => return Err(io_err(&lock_path)(e)),
+        };
         let mut rec = Recovery::default();
         let names = fs.list_dir(dir).map_err(io_err(dir))?;
 
@@ -630,6 +646,7 @@ impl Spool {
             bytes,
             reader: None,
             failed: None,
+            _lock: lock,
         };
         // The files that remain must imply next_seq by themselves, or a later restart
         // could hand out a seq recovery skipped; an empty segment named next_seq does.

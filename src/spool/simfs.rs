@@ -14,7 +14,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::fs::{Fs, FsFile};
+use super::fs::{Fs, FsFile, LockGuard};
 
 #[derive(Debug, Default, Clone)]
 struct Inode {
@@ -33,6 +33,8 @@ struct State {
     /// Directory entries that would survive a crash.
     durable_entries: BTreeMap<PathBuf, u64>,
     dirs: Vec<PathBuf>,
+    /// Held locks (a crash releases them, as the kernel does for a dead process).
+    locks: std::collections::HashSet<PathBuf>,
     /// Counters, so tests can assert the spool actually syncs.
     file_syncs: u64,
     dir_syncs: u64,
@@ -109,6 +111,7 @@ impl SimFs {
             inode.current = content;
         }
         st.entries = st.durable_entries.clone();
+        st.locks.clear();
         let live: std::collections::HashSet<u64> = st.entries.values().copied().collect();
         st.inodes.retain(|id, _| live.contains(id));
     }
@@ -151,6 +154,22 @@ impl SimFs {
     pub fn sync_counts(&self) -> (u64, u64) {
         let st = lock(&self.state);
         (st.file_syncs, st.dir_syncs)
+    }
+}
+
+struct SimLock {
+    state: Arc<Mutex<State>>,
+    generation: u64,
+    path: PathBuf,
+}
+
+impl Drop for SimLock {
+    fn drop(&mut self) {
+        let mut st = lock(&self.state);
+        // After a crash the lock may belong to a new holder.
+        if st.generation == self.generation {
+            st.locks.remove(&self.path);
+        }
     }
 }
 
@@ -293,5 +312,17 @@ impl Fs for SimFs {
             .collect();
         st.durable_entries.extend(current);
         Ok(())
+    }
+
+    fn try_lock(&self, path: &Path) -> io::Result<LockGuard> {
+        let mut st = lock(&self.state);
+        if !st.locks.insert(path.to_path_buf()) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(Box::new(SimLock {
+            state: self.state.clone(),
+            generation: st.generation,
+            path: path.to_path_buf(),
+        }))
     }
 }
