@@ -1015,6 +1015,10 @@ impl Inner {
     }
 
     fn commit(&mut self) -> Result<u64, SpoolError> {
+        if self.durable_seq == self.next_seq - 1 && self.pending.is_empty() && !self.dir_dirty {
+            // Nothing appended or created since the last commit: an idle commit is free.
+            return Ok(self.durable_seq);
+        }
         self.flush()?;
         let path = self.active_path();
         if let Some(file) = self.active.as_mut() {
