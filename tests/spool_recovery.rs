@@ -434,3 +434,28 @@ fn a_second_open_of_the_same_directory_is_refused() {
     assert!(recovery.is_clean());
     drop(spool);
 }
+
+#[test]
+fn newer_format_version_is_refused_not_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (spool, _) = Spool::open(dir.path(), opts()).unwrap();
+        append(&spool, 1);
+        spool.commit().unwrap();
+    }
+    let seg = dir.path().join("00000000000000000001.seg");
+    let mut bytes = fs::read(&seg).unwrap();
+    // Version 2 with a correct header checksum: intact, just newer.
+    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[0..24]);
+    bytes[24..28].copy_from_slice(&crc.to_le_bytes());
+    fs::write(&seg, &bytes).unwrap();
+    match Spool::open(dir.path(), opts()) {
+        Err(SpoolError::Corrupt { path, detail }) => {
+            assert_eq!(path, seg);
+            assert!(detail.contains("version 2"), "{detail}");
+        }
+        other => panic!("expected refusal, got {other:?}"),
+    }
+    assert_eq!(fs::read(&seg).unwrap(), bytes, "file touched");
+}

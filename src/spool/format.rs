@@ -32,6 +32,33 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(s))
 }
 
+/// Why a header or ledger was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Damaged: recovery quarantines it.
+    Invalid(String),
+    /// Intact but written by a newer format version: must not be touched at all.
+    Version(u32),
+}
+
+impl From<&str> for DecodeError {
+    fn from(s: &str) -> Self {
+        DecodeError::Invalid(s.to_owned())
+    }
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Invalid(why) => f.write_str(why),
+            DecodeError::Version(v) => write!(
+                f,
+                "format version {v} is not supported by this soclink (it reads version {VERSION})"
+            ),
+        }
+    }
+}
+
 /// Segment header bytes for a segment whose first record will have `first_seq`.
 pub fn encode_segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER_LEN] {
     let mut h = [0u8; SEGMENT_HEADER_LEN];
@@ -46,12 +73,12 @@ pub fn encode_segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER_LEN] {
 }
 
 /// Validates a segment header; returns its `first_seq`, or why it is not valid.
-pub fn decode_segment_header(h: &[u8]) -> Result<u64, String> {
+pub fn decode_segment_header(h: &[u8]) -> Result<u64, DecodeError> {
     if h.len() < SEGMENT_HEADER_LEN {
-        return Err(format!(
+        return Err(DecodeError::Invalid(format!(
             "header is {} bytes, need {SEGMENT_HEADER_LEN}",
             h.len()
-        ));
+        )));
     }
     if h[0..8] != SEGMENT_MAGIC {
         return Err("bad segment magic".into());
@@ -62,9 +89,9 @@ pub fn decode_segment_header(h: &[u8]) -> Result<u64, String> {
     }
     let version = u32_at(h, 8).ok_or("short header")?;
     if version != VERSION {
-        return Err(format!("unsupported segment version {version}"));
+        return Err(DecodeError::Version(version));
     }
-    u64_at(h, 16).ok_or_else(|| "short header".into())
+    Ok(u64_at(h, 16).ok_or("short header")?)
 }
 
 /// The fixed part of a record, as read from disk (not yet checksum-verified).
@@ -151,12 +178,12 @@ pub fn encode_ledger(l: Ledger) -> [u8; LEDGER_LEN] {
     b
 }
 
-pub fn decode_ledger(b: &[u8]) -> Result<Ledger, String> {
+pub fn decode_ledger(b: &[u8]) -> Result<Ledger, DecodeError> {
     if b.len() != LEDGER_LEN {
-        return Err(format!(
+        return Err(DecodeError::Invalid(format!(
             "ledger is {} bytes, expected {LEDGER_LEN}",
             b.len()
-        ));
+        )));
     }
     if b[0..8] != LEDGER_MAGIC {
         return Err("bad ledger magic".into());
@@ -167,7 +194,7 @@ pub fn decode_ledger(b: &[u8]) -> Result<Ledger, String> {
     }
     let version = u32_at(b, 8).ok_or("short ledger")?;
     if version != VERSION {
-        return Err(format!("unsupported ledger version {version}"));
+        return Err(DecodeError::Version(version));
     }
     Ok(Ledger {
         acked: u64_at(b, 16).ok_or("short ledger")?,

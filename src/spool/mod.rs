@@ -135,6 +135,9 @@
 //! files that remain, an empty segment named after the new next seq is created to
 //! persist it. Sequences therefore have gaps only where recovery discarded bytes.
 //!
+//! A segment or ledger that is intact but carries a newer format version makes open
+//! fail with [`SpoolError::Corrupt`]: a downgrade must not quarantine or rewrite data.
+//!
 //! A corrupt ledger is quarantined and replaced by `acked = checkpointed = 0`: every
 //! present record is handed out again. That re-sends rather than loses: the relay
 //! dedupes by seq, and the newest segment still fixes the next seq.
@@ -150,7 +153,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 pub use self::format::MAX_RECORD_BYTES;
-use self::format::{Ledger, RECORD_HEADER_LEN, RECORD_MAGIC, SEGMENT_HEADER_LEN};
+use self::format::{DecodeError, Ledger, RECORD_HEADER_LEN, RECORD_MAGIC, SEGMENT_HEADER_LEN};
 pub use self::fs::{Fs, FsFile, RealFs};
 
 /// Name of the ack ledger inside the spool directory.
@@ -251,7 +254,9 @@ pub enum SpoolError {
     Full { bytes: u64, max_size: u64 },
     #[error("record of {size} bytes exceeds the spool's limit of {limit} bytes")]
     TooLarge { size: u64, limit: u64 },
-    #[error("corrupt spool file {}: {detail}", path.display())]
+    /// A file recovery must not repair, e.g. one written by a newer format version:
+    /// opening is refused so nothing is quarantined or rewritten by mistake.
+    #[error("unusable spool file {}: {detail}", path.display())]
     Corrupt { path: PathBuf, detail: String },
     #[error("cannot mark seq {seq} as {what}: only records up to {durable} are durable")]
     BeyondDurable {
@@ -551,22 +556,36 @@ impl Spool {
             }
             let mut hdr = [0u8; SEGMENT_HEADER_LEN];
             let header = if len < SEGMENT_HEADER_LEN as u64 {
-                Err(format!("{len} bytes, shorter than a segment header"))
+                Err(DecodeError::Invalid(format!(
+                    "{len} bytes, shorter than a segment header"
+                )))
             } else {
                 read_exact_at(file.as_ref(), 0, &mut hdr).map_err(io_err(&path))?;
                 format::decode_segment_header(&hdr).and_then(|s| {
                     if s == first_seq {
                         Ok(s)
                     } else {
-                        Err(format!("header says first seq {s}, name says {first_seq}"))
+                        Err(DecodeError::Invalid(format!(
+                            "header says first seq {s}, name says {first_seq}"
+                        )))
                     }
                 })
             };
-            if let Err(why) = header {
-                floor = floor.max(first_seq.saturating_add(len / RECORD_HEADER_LEN as u64));
-                drop(file);
-                quarantine(fs.as_ref(), &path, &why, &mut rec)?;
-                continue;
+            match header {
+                Ok(_) => {}
+                Err(e @ DecodeError::Version(_)) => {
+                    // A newer soclink wrote this: quarantining would hide its data.
+                    return Err(SpoolError::Corrupt {
+                        path,
+                        detail: e.to_string(),
+                    });
+                }
+                Err(DecodeError::Invalid(why)) => {
+                    floor = floor.max(first_seq.saturating_add(len / RECORD_HEADER_LEN as u64));
+                    drop(file);
+                    quarantine(fs.as_ref(), &path, &why, &mut rec)?;
+                    continue;
+                }
             }
 
             let scan =
@@ -882,12 +901,19 @@ fn load_ledger(fs: &dyn Fs, dir: &Path, rec: &mut Recovery) -> Result<Ledger, Sp
         read_exact_at(file.as_ref(), 0, &mut buf).map_err(io_err(&path))?;
         format::decode_ledger(&buf)
     } else {
-        Err(format!("{len} bytes, expected {}", format::LEDGER_LEN))
+        Err(DecodeError::Invalid(format!(
+            "{len} bytes, expected {}",
+            format::LEDGER_LEN
+        )))
     };
     drop(file);
     match decoded {
         Ok(l) => Ok(l),
-        Err(why) => {
+        Err(e @ DecodeError::Version(_)) => Err(SpoolError::Corrupt {
+            path,
+            detail: e.to_string(),
+        }),
+        Err(DecodeError::Invalid(why)) => {
             quarantine(fs, &path, &why, rec)?;
             rec.messages.push(
                 "ack ledger unusable: resending every record still on disk (the relay dedupes by seq)"
