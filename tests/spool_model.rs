@@ -61,6 +61,7 @@ struct Model {
     last_appended: u64,
     reopened_since_append: bool,
     cursor: u64,
+    gate: bool,
 }
 
 fn opts() -> SpoolOptions {
@@ -72,16 +73,24 @@ fn opts() -> SpoolOptions {
 }
 
 fn open(fs: &SimFs, dir: &Path) -> Spool {
-    match Spool::open_with_fs(dir, opts(), Arc::new(fs.clone())) {
+    open_gated(fs, dir, true)
+}
+
+fn open_gated(fs: &SimFs, dir: &Path, gate: bool) -> Spool {
+    let o = SpoolOptions {
+        gate_on_checkpoint: gate,
+        ..opts()
+    };
+    match Spool::open_with_fs(dir, o, Arc::new(fs.clone())) {
         Ok((s, _)) => s,
         Err(e) => panic!("recovery failed: {e}"),
     }
 }
 
-fn run(ops: Vec<Op>) {
+fn run(ops: Vec<Op>, gate: bool) {
     let fs = SimFs::new();
     let dir = PathBuf::from("/spool");
-    let mut spool = open(&fs, &dir);
+    let mut spool = open_gated(&fs, &dir, gate);
     let mut m = Model {
         durable: BTreeMap::new(),
         pending: Vec::new(),
@@ -91,6 +100,7 @@ fn run(ops: Vec<Op>) {
         last_appended: 0,
         reopened_since_append: false,
         cursor: 0,
+        gate,
     };
     for op in ops {
         match op {
@@ -197,7 +207,11 @@ fn run(ops: Vec<Op>) {
 
 /// Records <= min(acked, checkpointed) may be gone; the model stops expecting them.
 fn release(m: &mut Model) {
-    let limit = m.acked.min(m.checkpointed);
+    let limit = if m.gate {
+        m.acked.min(m.checkpointed)
+    } else {
+        m.acked
+    };
     m.durable.retain(|s, _| *s > limit);
 }
 
@@ -211,7 +225,11 @@ fn reopen(fs: &SimFs, dir: &Path, m: &mut Model) -> Spool {
     assert_eq!(spool.checkpointed(), m.checkpointed);
     // Everything present from the checkpoint on: the committed records, then a prefix
     // of the uncommitted ones (whatever reached the disk).
-    let from = m.acked.min(m.checkpointed) + 1;
+    let from = if m.gate {
+        m.acked.min(m.checkpointed)
+    } else {
+        m.acked
+    } + 1;
     let present: Vec<Record> = spool
         .records_from(from)
         .collect::<Result<_, SpoolError>>()
@@ -267,8 +285,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, max_shrink_iters: 2000, ..ProptestConfig::default() })]
 
     #[test]
-    fn spool_matches_model_across_crashes(ops in prop::collection::vec(op(), 1..60)) {
-        run(ops);
+    fn spool_matches_model_across_crashes(ops in prop::collection::vec(op(), 1..60), gate in any::<bool>()) {
+        run(ops, gate);
     }
 }
 
@@ -373,4 +391,39 @@ proptest! {
             prop_assert_eq!(last, written.len() as u64, "undamaged segments lost records");
         }
     }
+}
+
+/// After a failed fsync nothing more is accepted until a reopen, and the reopen keeps
+/// every record committed before the failure.
+#[test]
+fn failed_fsync_stops_writes_until_reopen() {
+    let fs = SimFs::new();
+    let dir = PathBuf::from("/spool");
+    let spool = open(&fs, &dir);
+    spool.append(b"m", b"one").unwrap();
+    assert_eq!(spool.commit().unwrap(), 1);
+    spool.append(b"m", b"two").unwrap();
+    fs.set_fail_syncs(true);
+    assert!(matches!(spool.commit(), Err(SpoolError::Io { .. })));
+    assert_eq!(spool.stats().durable_seq, 1, "durable moved without fsync");
+    assert!(matches!(
+        spool.append(b"m", b"three"),
+        Err(SpoolError::Failed(_))
+    ));
+    assert!(matches!(spool.ack(1), Err(SpoolError::Failed(_))));
+    fs.set_fail_syncs(false);
+    assert!(matches!(spool.commit(), Err(SpoolError::Failed(_))));
+    drop(spool);
+    fs.crash();
+    let spool = open(&fs, &dir);
+    let got: Vec<Record> = spool.records_from(0).map(Result::unwrap).collect();
+    assert_eq!(
+        got,
+        vec![Record {
+            seq: 1,
+            meta: b"m".to_vec(),
+            payload: b"one".to_vec()
+        }]
+    );
+    assert_eq!(spool.append(b"m", b"again").unwrap(), 2);
 }

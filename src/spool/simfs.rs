@@ -35,6 +35,8 @@ struct State {
     dirs: Vec<PathBuf>,
     /// Held locks (a crash releases them, as the kernel does for a dead process).
     locks: std::collections::HashSet<PathBuf>,
+    /// When set, every file and directory sync fails (a dying disk).
+    fail_syncs: bool,
     /// Counters, so tests can assert the spool actually syncs.
     file_syncs: u64,
     dir_syncs: u64,
@@ -150,6 +152,11 @@ impl SimFs {
         self.list_dir(dir).unwrap_or_default()
     }
 
+    /// Makes every following file and directory sync fail (or succeed again).
+    pub fn set_fail_syncs(&self, fail: bool) {
+        lock(&self.state).fail_syncs = fail;
+    }
+
     /// How many file and directory syncs were issued so far.
     pub fn sync_counts(&self) -> (u64, u64) {
         let st = lock(&self.state);
@@ -227,6 +234,9 @@ impl FsFile for SimFile {
 
     fn sync(&mut self) -> io::Result<()> {
         self.with(|st, id| {
+            if st.fail_syncs {
+                return Err(io::Error::other("simulated fsync failure"));
+            }
             st.file_syncs += 1;
             let inode = inode_mut(st, id)?;
             inode.durable = inode.current.clone();
@@ -301,6 +311,9 @@ impl Fs for SimFs {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut st = lock(&self.state);
+        if st.fail_syncs {
+            return Err(io::Error::other("simulated directory fsync failure"));
+        }
         st.dir_syncs += 1;
         let in_dir = |p: &PathBuf| p.parent() == Some(dir);
         st.durable_entries.retain(|p, _| !in_dir(p));
