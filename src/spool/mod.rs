@@ -669,9 +669,14 @@ impl Spool {
         };
         // The files that remain must imply next_seq by themselves, or a later restart
         // could hand out a seq recovery skipped; an empty segment named next_seq does.
-        let implied = inner.segments.last().map_or(ledger.acked + 1, |s| {
-            s.entries.last().map_or(s.first_seq, |e| e.seq + 1)
-        });
+        let implied = inner
+            .segments
+            .last()
+            .map_or(ledger.acked.saturating_add(1), |s| {
+                s.entries
+                    .last()
+                    .map_or(s.first_seq, |e| e.seq.saturating_add(1))
+            });
         if next_seq > implied {
             inner.roll()?;
             inner.commit()?;
@@ -961,6 +966,10 @@ impl Inner {
     }
 
     fn append(&mut self, meta: &[u8], payload: &[u8]) -> Result<u64, SpoolError> {
+        if self.next_seq == u64::MAX {
+            // Only reachable from a crafted file; never wrap and reuse a seq.
+            return Err(SpoolError::Failed("sequence numbers exhausted".into()));
+        }
         let total = RECORD_HEADER_LEN as u64 + meta.len() as u64 + payload.len() as u64;
         let roll = match self.segments.last() {
             None => true,
