@@ -49,7 +49,7 @@ pub enum KeyAlg {
 /// Everything that varies between test certificates.
 #[derive(Debug, Clone)]
 pub struct IssueParams {
-    /// Subject Common Name.
+    /// Subject Common Name; empty for none.
     pub cn: String,
     /// DNS names or IP addresses (parsed as an IP when possible).
     pub sans: Vec<String>,
@@ -114,9 +114,12 @@ fn make_key(alg: &KeyAlg) -> anyhow::Result<KeyPair> {
 fn params_for(p: &IssueParams) -> anyhow::Result<CertificateParams> {
     let mut params = CertificateParams::new(p.sans.clone())?;
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, p.cn.as_str());
+    // An empty `cn` leaves the subject without a Common Name (tests of the SAN fallback).
+    if !p.cn.is_empty() {
+        params
+            .distinguished_name
+            .push(DnType::CommonName, p.cn.as_str());
+    }
     params.not_before = p.not_before.into();
     params.not_after = p.not_after.into();
     params.use_authority_key_identifier_extension = true;
