@@ -528,6 +528,8 @@ pub enum BatchError {
     BadJson { line: u64, reason: String },
     #[error("line {line} is not a JSON object")]
     NotObject { line: u64 },
+    #[error("line {line} is longer than {max} bytes")]
+    LineTooLong { line: u64, max: usize },
     #[error("the last line has no terminating newline")]
     MissingFinalNewline,
     #[error("batch holds {actual} events but declares {declared}")]
@@ -538,13 +540,17 @@ pub enum BatchError {
 
 const INFLATE_CHUNK: usize = 64 * 1024;
 
+/// Longest accepted event line (inflated). Far above any source's line limit; it bounds
+/// the buffer that carries a line split across two inflate chunks.
+pub const MAX_EVENT_LINE: usize = 16 * 1024 * 1024;
+
 /// Verifies a batch's gzip bytes without trusting them: exactly one gzip member with a
 /// valid CRC and nothing after it, inflating to exactly `expect_raw` bytes (and never
 /// more than `min(expect_raw, max_raw)` are inflated: a bomb is cut off at the bound),
 /// made of exactly `expect_events` newline-terminated lines, each a JSON object.
 ///
 /// Memory: one 64 KiB inflate buffer plus, for a line that spans two chunks, a carry
-/// buffer as long as that line (bounded by the bound above).
+/// buffer as long as that line (at most [`MAX_EVENT_LINE`]).
 pub fn verify_batch(
     gzip: &[u8],
     expect_events: u32,
@@ -610,19 +616,42 @@ pub fn verify_batch(
 
 /// Validates complete lines in `data`, using `carry` for a line split across chunks.
 fn check_lines(mut data: &[u8], carry: &mut Vec<u8>, lines: &mut u64) -> Result<(), BatchError> {
+    let too_long = |line| BatchError::LineTooLong {
+        line,
+        max: MAX_EVENT_LINE,
+    };
     while let Some(pos) = memchr::memchr(b'\n', data) {
         let (line, rest) = data.split_at(pos);
         *lines += 1;
         if carry.is_empty() {
             check_line(line, *lines)?;
         } else {
+            if carry.len() + line.len() > MAX_EVENT_LINE {
+                return Err(too_long(*lines));
+            }
             carry.extend_from_slice(line);
             check_line(carry, *lines)?;
             carry.clear();
         }
         data = rest.get(1..).unwrap_or_default();
     }
-    carry.extend_from_slice(data);
+    if !data.is_empty() {
+        let line = *lines + 1;
+        if carry.len() + data.len() > MAX_EVENT_LINE {
+            return Err(too_long(line));
+        }
+        // Refuse a line that cannot be an object as soon as it starts, instead of
+        // carrying it (a bomb of zeros has no newline at all).
+        if carry.is_empty()
+            && data
+                .iter()
+                .find(|b| !b.is_ascii_whitespace())
+                .is_some_and(|b| *b != b'{')
+        {
+            return Err(BatchError::NotObject { line });
+        }
+        carry.extend_from_slice(data);
+    }
     Ok(())
 }
 
