@@ -430,18 +430,34 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         got += n;
     }
     let (ty, body_len) = check_prefix(prefix, limits)?;
-    let mut body = Vec::with_capacity(body_len.min(INITIAL_BODY_CAPACITY));
-    let read = (&mut *r)
-        .take(body_len as u64)
-        .read_to_end(&mut body)
-        .await?;
-    if read < body_len {
-        return Err(ProtocolError::Truncated {
-            expected: (PREFIX_LEN + body_len) as u64,
-            got: (PREFIX_LEN + read) as u64,
-        });
-    }
+    let body = read_body(r, body_len).await?;
     decode_body(ty, Bytes::from(body), limits)
+}
+
+/// Reads exactly `len` bytes. The buffer starts at 64 KiB and doubles only when full,
+/// never past `len` (`reserve_exact`), so it stays within both the declared length and
+/// twice what the peer actually sent.
+async fn read_body<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> Result<Vec<u8>, ProtocolError> {
+    let mut body: Vec<u8> = Vec::new();
+    let mut filled = 0;
+    while filled < len {
+        if filled == body.len() {
+            let grow = body.len().max(INITIAL_BODY_CAPACITY).min(len - body.len());
+            body.reserve_exact(grow);
+            body.resize(body.len() + grow, 0);
+        }
+        // `filled < body.len()` here: the buffer was just grown when it was full.
+        let buf = body.get_mut(filled..).unwrap_or_default();
+        let n = r.read(buf).await?;
+        if n == 0 {
+            return Err(ProtocolError::Truncated {
+                expected: (PREFIX_LEN + len) as u64,
+                got: (PREFIX_LEN + filled) as u64,
+            });
+        }
+        filled += n;
+    }
+    Ok(body)
 }
 
 /// Decodes one frame from the front of `buf`; returns it and the bytes it used.
