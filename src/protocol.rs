@@ -198,6 +198,26 @@ pub struct BatchHeader {
 }
 
 impl BatchHeader {
+    /// Checks the fields the relay turns into paths and dates: `stream`, `source` and
+    /// the origin's `agent` and `stream` must each be one safe path component (the
+    /// rule of [`crate::tls::validate_identity`]), `day` must be a `YYYY-MM-DD` date.
+    /// [`decode`] and [`read_frame`] refuse a batch that fails this.
+    pub fn validate(&self) -> Result<(), String> {
+        let component = |what: &str, v: &str| {
+            crate::tls::validate_identity(v).map_err(|e| format!("{what}: {e}"))
+        };
+        component("stream", &self.stream)?;
+        component("source", &self.source)?;
+        if let Some(o) = &self.origin {
+            component("origin agent", &o.agent)?;
+            component("origin stream", &o.stream)?;
+        }
+        if !is_day(&self.day) {
+            return Err(format!("day {:?} is not a YYYY-MM-DD date", self.day));
+        }
+        Ok(())
+    }
+
     /// The header for a spooled batch. The meta's `cursor` is agent-local and stays home.
     pub fn from_meta(stream: &str, seq: u64, meta: &BatchMeta) -> BatchHeader {
         BatchHeader {
@@ -210,6 +230,27 @@ impl BatchHeader {
             origin: meta.origin.clone(),
         }
     }
+}
+
+/// `YYYY-MM-DD` with a month 01–12 and a day 01–31 (the store file name; calendar
+/// exactness is the batcher's business, path safety is ours).
+fn is_day(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    let num = |r: std::ops::Range<usize>| {
+        b.get(r)
+            .map(|d| d.iter().fold(0u32, |n, c| n * 10 + u32::from(c - b'0')))
+            .unwrap_or(0)
+    };
+    b.len() == 10
+        && digits(0..4)
+        && b.get(4) == Some(&b'-')
+        && digits(5..7)
+        && b.get(7) == Some(&b'-')
+        && digits(8..10)
+        && (1..=12).contains(&num(5..7))
+        && (1..=31).contains(&num(8..10))
 }
 
 /// A batch on the wire: header plus the gzip member exactly as spooled.
@@ -407,6 +448,10 @@ fn check_prefix(
 
 /// Reads one frame. Pass a buffered reader (e.g. `tokio::io::BufReader`) for speed.
 ///
+/// Not cancellation safe: dropping the future mid-frame loses the bytes already read
+/// and desynchronises the stream. Read frames in one dedicated task (or loop), not in a
+/// `select!` branch that another branch can win.
+///
 /// Memory: the body buffer is bounded by the limit for the frame's type and grows only
 /// as bytes arrive, so a peer that declares a large frame and stalls costs at most
 /// 64 KiB plus what it actually sent.
@@ -417,7 +462,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     let mut prefix = [0u8; PREFIX_LEN];
     let mut got = 0;
     while got < PREFIX_LEN {
-        let n = r.read(&mut prefix[got..]).await?;
+        // `got < PREFIX_LEN` in the loop, so the range is never empty.
+        let n = r.read(prefix.get_mut(got..).unwrap_or_default()).await?;
         if n == 0 {
             if got == 0 {
                 return Err(ProtocolError::Closed);
@@ -487,7 +533,13 @@ fn from_json<'a, T: Deserialize<'a>>(ty: FrameType, body: &'a [u8]) -> Result<T,
 
 fn decode_body(ty: FrameType, body: Bytes, limits: &Limits) -> Result<Frame, ProtocolError> {
     Ok(match ty {
-        FrameType::Hello => Frame::Hello(from_json(ty, &body)?),
+        FrameType::Hello => {
+            let hello: Hello = from_json(ty, &body)?;
+            for s in &hello.streams {
+                crate::tls::validate_identity(s).map_err(|e| bad(ty, format!("stream: {e}")))?;
+            }
+            Frame::Hello(hello)
+        }
         FrameType::HelloAck => Frame::HelloAck(from_json(ty, &body)?),
         FrameType::Refuse => Frame::Refuse(from_json(ty, &body)?),
         FrameType::Ack => Frame::Ack(from_json(ty, &body)?),
@@ -522,6 +574,7 @@ fn decode_body(ty: FrameType, body: Bytes, limits: &Limits) -> Result<Frame, Pro
                 .get(4..hend)
                 .ok_or_else(|| bad(ty, format!("header length {hlen} runs past the frame")))?;
             let header: BatchHeader = from_json(ty, header_bytes)?;
+            header.validate().map_err(|e| bad(ty, e))?;
             // Zero-copy: the payload shares the frame's buffer.
             let gzip = body.slice(hend..);
             Frame::Batch(Batch { header, gzip })

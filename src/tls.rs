@@ -68,7 +68,7 @@ pub enum TlsError {
     BadPeerCertificate(String),
     #[error("the peer certificate has neither a subject Common Name nor a DNS name")]
     NoIdentity,
-    #[error("identity {identity:?} is not acceptable: {reason}")]
+    #[error("{identity:?} is not usable as a directory name: {reason}")]
     BadIdentity {
         identity: String,
         reason: &'static str,

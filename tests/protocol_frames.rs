@@ -306,6 +306,60 @@ fn malformed_bodies_are_typed_errors() {
 }
 
 #[test]
+fn unsafe_names_in_batch_headers_are_refused() {
+    let limits = Limits::default();
+    let base = match batch_frame(gz(b"{}\n")) {
+        Frame::Batch(b) => b,
+        _ => unreachable!(),
+    };
+    type Mutate = Box<dyn Fn(&mut BatchHeader)>;
+    let cases: Vec<(&str, Mutate)> = vec![
+        ("source", Box::new(|h| h.source = "../etc".into())),
+        ("source", Box::new(|h| h.source = String::new())),
+        ("stream", Box::new(|h| h.stream = "a/b".into())),
+        ("day", Box::new(|h| h.day = "2026-13-01".into())),
+        ("day", Box::new(|h| h.day = "../../x/".into())),
+        ("day", Box::new(|h| h.day = "2026-1-011".into())),
+        (
+            "origin agent",
+            Box::new(|h| {
+                h.origin = Some(Origin {
+                    agent: "..".into(),
+                    stream: "s".into(),
+                    seq: 1,
+                })
+            }),
+        ),
+    ];
+    for (what, mutate) in cases {
+        let mut b = base.clone();
+        mutate(&mut b.header);
+        let bytes = enc(&Frame::Batch(b));
+        match decode(&bytes, &limits) {
+            Err(ProtocolError::BadBody {
+                ty: FrameType::Batch,
+                reason,
+            }) => {
+                assert!(reason.starts_with(what), "{what}: {reason}")
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    let hello = enc(&Frame::Hello(Hello {
+        versions: vec![1],
+        agent_version: "x".into(),
+        streams: vec!["ok".into(), "..".into()],
+    }));
+    assert!(matches!(
+        decode(&hello, &limits),
+        Err(ProtocolError::BadBody {
+            ty: FrameType::Hello,
+            ..
+        })
+    ));
+}
+
+#[test]
 fn version_negotiation_names_both_sides() {
     assert_eq!(negotiate(&[1, 2], SUPPORTED_VERSIONS), Ok(1));
     let e = negotiate(&[2, 3], &[1]).unwrap_err();

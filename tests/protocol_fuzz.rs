@@ -82,9 +82,18 @@ fn text() -> impl Strategy<Value = String> {
     "\\PC{0,12}"
 }
 
+/// Names the relay accepts as path components (see `BatchHeader::validate`).
+fn name() -> impl Strategy<Value = String> {
+    "[a-zA-Z0-9_\\p{Han}][a-zA-Z0-9._@ \\p{Han}-]{0,10}[a-z0-9]"
+}
+
+fn day() -> impl Strategy<Value = String> {
+    "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+}
+
 fn origin() -> impl Strategy<Value = Option<Origin>> {
     proptest::option::of(
-        (text(), text(), any::<u64>()).prop_map(|(agent, stream, seq)| Origin {
+        (name(), name(), any::<u64>()).prop_map(|(agent, stream, seq)| Origin {
             agent,
             stream,
             seq,
@@ -94,10 +103,10 @@ fn origin() -> impl Strategy<Value = Option<Origin>> {
 
 fn frame() -> impl Strategy<Value = Frame> {
     let header = (
-        text(),
+        name(),
         any::<u64>(),
-        text(),
-        text(),
+        name(),
+        day(),
         any::<u32>(),
         any::<u64>(),
         origin(),
@@ -124,7 +133,7 @@ fn frame() -> impl Strategy<Value = Frame> {
         (
             proptest::collection::vec(any::<u16>(), 0..4),
             text(),
-            proptest::collection::vec(text(), 0..4)
+            proptest::collection::vec(name(), 0..4)
         )
             .prop_map(|(versions, agent_version, streams)| Frame::Hello(Hello {
                 versions,
