@@ -120,6 +120,11 @@ fn params_for(p: &IssueParams) -> anyhow::Result<CertificateParams> {
             .distinguished_name
             .push(DnType::CommonName, p.cn.as_str());
     }
+    // Random serials: rcgen's default derives the serial from the public key, so two
+    // certificates for one key (a renewal) would collide, which CRLs cannot tell apart.
+    let mut serial: [u8; 16] = rand::random();
+    serial[0] &= 0x7f;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
     params.not_before = p.not_before.into();
     params.not_after = p.not_after.into();
     params.use_authority_key_identifier_extension = true;
@@ -197,6 +202,34 @@ impl Ca {
             key_pem,
             issuer: Issuer::new(params, key),
         })
+    }
+}
+
+impl Ca {
+    /// A CRL (PEM) signed by this CA revoking `certs`, valid from an hour ago for 30
+    /// days.
+    pub fn revoke(&self, certs: &[&CertificateDer<'_>]) -> anyhow::Result<String> {
+        let mut revoked = Vec::new();
+        let now = SystemTime::now();
+        for der in certs {
+            let (_, cert) =
+                x509_parser::parse_x509_certificate(der).context("cannot parse certificate")?;
+            revoked.push(rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(cert.tbs_certificate.raw_serial()),
+                revocation_time: (now - BACKDATE).into(),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            });
+        }
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: (now - BACKDATE).into(),
+            next_update: (now + Duration::from_secs(30 * 24 * 3600)).into(),
+            crl_number: rcgen::SerialNumber::from_slice(&[1]),
+            issuing_distribution_point: None,
+            revoked_certs: revoked,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
     }
 }
 

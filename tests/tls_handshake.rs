@@ -589,3 +589,90 @@ async fn failed_reload_keeps_the_old_config() {
     let c = client_err(&o);
     assert!(c.contains("unknown CA"), "{c}");
 }
+
+#[tokio::test]
+async fn revoked_client_cert_is_refused_with_a_crl() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new("CA").unwrap();
+    let relay_cert = ca
+        .issue(&IssueParams::new(
+            "localhost",
+            &["localhost"],
+            CertKind::Server,
+        ))
+        .unwrap();
+    let rf = files(d, "relay", &ca.cert_pem, &relay_cert, "");
+    let good = ca
+        .issue(&IssueParams::new("agent-good", &[], CertKind::Client))
+        .unwrap();
+    let bad = ca
+        .issue(&IssueParams::new("agent-lost", &[], CertKind::Client))
+        .unwrap();
+    let crl = write(d, "ca.crl.pem", &ca.revoke(&[&bad.der]).unwrap());
+    let server = soclink::tls::server_config_with(
+        &rf,
+        &ServerOptions {
+            tls12: false,
+            crls: vec![crl],
+        },
+    )
+    .unwrap();
+
+    let o = connect(
+        server.clone(),
+        agent(d, "good", &ca.cert_pem, &good, ""),
+        "localhost",
+    )
+    .await;
+    o.client.unwrap();
+    assert_eq!(o.server.unwrap().unwrap(), "agent-good");
+
+    let o = connect(server, agent(d, "bad", &ca.cert_pem, &bad, ""), "localhost").await;
+    let s = server_err(&o);
+    assert!(s.contains("revoked"), "{s}");
+    let c = client_err(&o);
+    assert!(c.contains("revoked"), "{c}");
+
+    // A CRL file without a CRL is a configuration error naming the file.
+    let e = soclink::tls::server_config_with(
+        &rf,
+        &ServerOptions {
+            tls12: false,
+            crls: vec![rf.ca.clone()],
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, TlsError::NoCrl { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn client_reload_picks_up_a_renewed_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new("CA").unwrap();
+    let server = relay(d, &ca, &ca.cert_pem);
+    let first = ca
+        .issue(&IssueParams::new("agent-01", &[], CertKind::Client))
+        .unwrap();
+    let f = files(d, "agent", &ca.cert_pem, &first, "");
+    let reloadable =
+        soclink::tls::ReloadableClientConfig::new(f.clone(), ClientOptions::default()).unwrap();
+    let o = connect(server.clone(), reloadable.current(), "localhost").await;
+    assert_eq!(o.server.unwrap().unwrap(), "agent-01");
+
+    // A half-written renewal (key missing) fails and keeps the working config.
+    let renewed = ca
+        .issue(&IssueParams::new("agent-01-renewed", &[], CertKind::Client))
+        .unwrap();
+    std::fs::write(&f.key, "").unwrap();
+    let before = reloadable.current();
+    assert!(matches!(reloadable.reload(), Err(TlsError::NoKey { .. })));
+    assert!(Arc::ptr_eq(&before, &reloadable.current()));
+
+    std::fs::write(&f.cert, &renewed.cert_pem).unwrap();
+    std::fs::write(&f.key, &renewed.key_pem).unwrap();
+    reloadable.reload().unwrap();
+    let o = connect(server, reloadable.current(), "localhost").await;
+    assert_eq!(o.server.unwrap().unwrap(), "agent-01-renewed");
+}
