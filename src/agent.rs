@@ -106,6 +106,8 @@ impl Agent {
             &spool_dir,
             SpoolOptions {
                 max_size: cfg.spool.max_size,
+                // Segments must outlive the checkpoint file's view of them (replay).
+                gate_on_checkpoint: true,
                 ..SpoolOptions::default()
             },
         )
@@ -124,7 +126,7 @@ impl Agent {
             }
         };
         let mut replayed = 0;
-        for rec in spool.records_from(checkpoints.spool_seq + 1)? {
+        for rec in spool.records_from(checkpoints.spool_seq + 1) {
             let rec = rec?;
             if let Ok(meta) = serde_json::from_slice::<BatchMeta>(&rec.meta) {
                 if let Some(cursor) = &meta.cursor {

@@ -99,8 +99,8 @@ enum CertsCmd {
 
 #[derive(Subcommand)]
 enum SpoolCmd {
-    /// Print every spooled event as NDJSON (stop the agent first: the spool is locked
-    /// while it runs).
+    /// Print the spooled, not yet acknowledged events as NDJSON. Read-only: safe while
+    /// the agent runs.
     Dump {
         /// The agent's state_dir (the spool is in its `spool/` folder).
         #[arg(long)]
@@ -108,6 +108,9 @@ enum SpoolCmd {
         /// Print one line per batch (sequence and metadata) instead of the events.
         #[arg(long)]
         batches: bool,
+        /// Include batches already acknowledged but not yet deleted.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -199,8 +202,12 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::CheckConfig { config, kind } => check_config(&config, kind),
         Cmd::Spool {
-            cmd: SpoolCmd::Dump { state_dir, batches },
-        } => spool_dump(&state_dir, batches),
+            cmd: SpoolCmd::Dump {
+                state_dir,
+                batches,
+                all,
+            },
+        } => spool_dump(&state_dir, batches, all),
     }
 }
 
@@ -244,20 +251,14 @@ fn guess_kind(path: &std::path::Path) -> Kind {
     }
 }
 
-fn spool_dump(state_dir: &std::path::Path, batches: bool) -> Result<ExitCode> {
-    let _lock = soclink::agent::lock_state_dir(state_dir)?;
+fn spool_dump(state_dir: &std::path::Path, batches: bool, all: bool) -> Result<ExitCode> {
     let dir = state_dir.join("spool");
-    let (spool, recovery) = soclink::spool::Spool::open(&dir, Default::default())
-        .with_context(|| format!("cannot open the spool in {}", dir.display()))?;
-    for m in &recovery.messages {
-        eprintln!("spool recovery: {m}");
-    }
+    let from = if all { 0 } else { soclink::spool::peek::acked(&dir) + 1 };
+    let records = soclink::spool::peek::records(&dir, from)
+        .with_context(|| format!("cannot read the spool in {}", dir.display()))?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut n = 0u64;
-    for rec in spool.records_from(spool.acked() + 1)? {
-        let rec = rec?;
-        n += 1;
+    for rec in &records {
         if batches {
             out.write_all(format!("{{\"seq\":{},\"meta\":", rec.seq).as_bytes())?;
             out.write_all(&rec.meta)?;
@@ -269,7 +270,7 @@ fn spool_dump(state_dir: &std::path::Path, batches: bool) -> Result<ExitCode> {
         }
     }
     out.flush()?;
-    eprintln!("{n} batches");
+    eprintln!("{} batches", records.len());
     Ok(ExitCode::SUCCESS)
 }
 

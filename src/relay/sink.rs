@@ -103,7 +103,7 @@ impl Sink {
         }
     }
 
-    pub fn store(&self) -> Option<Arc<Mutex<Store>>> {
+    pub fn store_handle(&self) -> Option<Arc<Mutex<Store>>> {
         match &self.kind {
             Kind::Store(s) => Some(s.clone()),
             Kind::Forward => None,

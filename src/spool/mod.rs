@@ -144,6 +144,7 @@
 
 pub mod format;
 pub mod fs;
+pub mod peek;
 pub mod simfs;
 
 use std::path::{Path, PathBuf};
