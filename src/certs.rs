@@ -308,3 +308,71 @@ fn write_new(path: &Path, content: &str, mode: u32) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use x509_parser::extensions::GeneralName;
+
+    fn parse(pem_path: &Path) -> Vec<u8> {
+        crate::tls::load_certs(pem_path).unwrap().remove(0).to_vec()
+    }
+
+    #[test]
+    fn dev_certs_have_the_promised_names_and_usages() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = write_dev_certs(dir.path(), "host-7").unwrap();
+
+        let der = parse(&dev.relay);
+        let (_, relay) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let sans: Vec<String> = relay
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                GeneralName::DNSName(d) => d.to_string(),
+                GeneralName::IPAddress(ip) => format!("{ip:?}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            sans,
+            [
+                "localhost",
+                "[127, 0, 0, 1]",
+                "[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]"
+            ]
+        );
+        let eku = relay.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth);
+
+        let der = parse(&dev.agent);
+        let (_, agent) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(
+            agent
+                .subject()
+                .iter_common_name()
+                .next()
+                .unwrap()
+                .as_str()
+                .unwrap(),
+            "host-7"
+        );
+        let eku = agent.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth);
+
+        let der = parse(&dev.ca);
+        let (_, ca) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert!(ca.is_ca());
+    }
+
+    #[test]
+    fn unsafe_agent_name_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(write_dev_certs(dir.path(), "../x").is_err());
+        assert!(!dir.path().join("ca-key.pem").exists());
+    }
+}

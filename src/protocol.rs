@@ -33,7 +33,10 @@
 //!
 //! Control frames (everything except `Batch`) are bounded by [`Limits::max_control`];
 //! a `Batch` frame by [`Limits::max_frame`]. The length is checked **before** any buffer
-//! is allocated, and the body buffer grows only as bytes actually arrive.
+//! is allocated, and the body buffer grows only as bytes actually arrive. Header fields
+//! that the relay turns into paths (`stream`, `source`, `day`, the origin's names) are
+//! validated when the frame is decoded ([`BatchHeader::validate`]); the gzip payload is
+//! checked by [`verify_batch`] before anything is stored.
 //!
 //! # Conversation
 //!

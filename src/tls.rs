@@ -417,8 +417,8 @@ pub fn explain(err: &io::Error) -> String {
     {
         Some(e) => explain_rustls(e),
         None if err.kind() == io::ErrorKind::UnexpectedEof => {
-            "the peer closed the connection during the TLS handshake (it probably refused \
-             our certificate or TLS version; check its log)"
+            "the peer closed the connection unexpectedly (during the TLS handshake this \
+             usually means it refused our certificate or TLS version; check its log)"
                 .to_owned()
         }
         None => err.to_string(),
