@@ -192,7 +192,7 @@ fn sigkill_at_random_moments_during_heavy_writing() {
                     rotations += 1;
                     fs::rename(&log, dir.join(format!("busy.log.{rotations}"))).unwrap();
                 }
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(Duration::from_millis(5));
             }
             all
         })
