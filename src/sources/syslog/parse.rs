@@ -358,6 +358,8 @@ fn parse_3164<'a>(mut p: Parsed<'a>, body: &'a [u8]) -> Parsed<'a> {
         // Only ASCII bytes were matched, so this slice is valid UTF-8.
         p.timestamp = std::str::from_utf8(&rest[..n]).ok();
         rest = &rest[n..];
+        // Cisco ASA ends its timestamp with a colon: `Nov 26 2026 01:02:03: %ASA-...`.
+        rest = rest.strip_prefix(b":").unwrap_or(rest);
         rest = rest.strip_prefix(b" ").unwrap_or(rest);
         // A hostname is a token followed by a space that is not itself the tag.
         let (tok, after) = token(rest);
@@ -371,6 +373,10 @@ fn parse_3164<'a>(mut p: Parsed<'a>, body: &'a [u8]) -> Parsed<'a> {
         if let Some(p) = cisco(&p, rest) {
             return p;
         }
+        // ASA with a hostname: `... asa1 : %ASA-6-302013: ...`.
+        if p.hostname.is_some() {
+            rest = rest.strip_prefix(b": ").unwrap_or(rest);
+        }
     }
     tag(p, rest)
 }
@@ -382,6 +388,25 @@ fn cisco<'a>(p: &Parsed<'a>, body: &'a [u8]) -> Option<Parsed<'a>> {
     let end = digits_at(body, 0, 1, 10)?;
     let mut rest = body.get(end..)?.strip_prefix(b": ")?;
     let mut out = p.clone();
+    // `logging origin-id hostname`: `123: router1: *Mar  1 ...`.
+    if let Some(colon) = memchr::memmem::find(rest, b": ") {
+        let name = rest.get(..colon)?;
+        let after = rest.get(colon + 2..)?;
+        let follows = matches!(after.first(), Some(b'*' | b'.' | b'%'))
+            || bsd_timestamp(after).is_some()
+            || iso_timestamp(after).is_some();
+        if follows
+            && name.first().is_some_and(u8::is_ascii_alphanumeric)
+            && !name.contains(&b' ')
+            && bsd_timestamp(rest).is_none()
+            && iso_timestamp(rest).is_none()
+        {
+            if let Some(h) = field(name) {
+                out.hostname = Some(h);
+                rest = after;
+            }
+        }
+    }
     let marked = rest.first().is_some_and(|c| matches!(c, b'*' | b'.'));
     let unmarked = if marked { rest.get(1..)? } else { rest };
     if bsd_timestamp(unmarked).is_some() || iso_timestamp(unmarked).is_some() {
@@ -390,18 +415,22 @@ fn cisco<'a>(p: &Parsed<'a>, body: &'a [u8]) -> Option<Parsed<'a>> {
         out.timestamp = field(unmarked.get(..end)?);
         rest = unmarked.get(end + 2..)?;
     }
-    let m = rest.strip_prefix(b"%")?;
-    let end = memchr::memchr(b':', m)?;
-    let mnemonic = m.get(..end)?;
-    if !mnemonic
-        .iter()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'))
-    {
-        return None;
-    }
-    out.msgid = field(mnemonic);
+    out.msgid = Some(mnemonic(rest)?);
     out.message = body;
     Some(out)
+}
+
+/// A Cisco-style `%FACILITY-SEVERITY-MNEMONIC:` at the start (IOS, ASA, NX-OS).
+fn mnemonic(b: &[u8]) -> Option<&str> {
+    let m = b.strip_prefix(b"%")?;
+    let end = memchr::memchr(b':', m)?;
+    let name = m.get(..end)?;
+    let ok = name.len() <= 64
+        && name.contains(&b'-')
+        && name
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'));
+    if ok { field(name) } else { None }
 }
 
 /// FortiGate key=value logs: no header; the device name is the `devname` value.
@@ -421,6 +450,10 @@ fn fortinet<'a>(mut p: Parsed<'a>, b: &'a [u8]) -> Parsed<'a> {
 /// `TAG[PID]: msg` or `TAG: msg`; anything else is all message.
 fn tag<'a>(mut p: Parsed<'a>, b: &'a [u8]) -> Parsed<'a> {
     p.message = strip_bom(b);
+    if let Some(m) = mnemonic(b) {
+        p.msgid = Some(m);
+        return p;
+    }
     let end = b
         .iter()
         .take(65)
