@@ -308,8 +308,8 @@ async fn accept_loop(
         let stop = stop.clone();
         tracker.spawn(async move {
             connection(&ctx, sock, peer, tls, stop).await;
-            ctx.stats.active_connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
+            ctx.stats.active_connections.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
