@@ -257,6 +257,7 @@ async fn backpressure_tcp_waits_udp_counts_drops() {
     // Nobody drains the pipeline: the writer must get stuck well before the end.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let stuck_at = written.load(Ordering::Relaxed);
+    eprintln!("writer stuck at {stuck_at} of {total_bytes} bytes");
     assert!(stuck_at < total_bytes / 2, "TCP kept reading into a full pipeline: {stuck_at} of {total_bytes} bytes written");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(written.load(Ordering::Relaxed), stuck_at, "the writer is blocked");

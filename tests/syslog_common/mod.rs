@@ -62,6 +62,7 @@ fn tcp_listener(rcvbuf: Option<u32>) -> TcpListener {
 }
 
 pub async fn start(opts: Opts) -> Running {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let tcp = tcp_listener(opts.tcp_rcvbuf);
     let mut listeners = vec![SyslogListen::Udp(udp), SyslogListen::Tcp(tcp)];

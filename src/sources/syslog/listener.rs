@@ -365,6 +365,19 @@ async fn read_stream<S: AsyncRead + Unpin>(
             }
             Ok(Ok(0)) => break,
             Ok(Ok(n)) => n,
+            // How senders commonly hang up: TLS without close_notify, or a reset because
+            // they never read what we sent (TLS 1.3 session tickets). Frames delimit
+            // themselves, so nothing is cut silently: `finish` hands on a partial last
+            // frame as truncated.
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                tracing::debug!(source = %ctx.name, %peer, "syslog sender hung up: {e}");
+                break;
+            }
             Ok(Err(e)) => {
                 outcome = Err(format!("read error: {e}"));
                 break;
