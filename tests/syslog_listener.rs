@@ -7,13 +7,13 @@ mod syslog_common;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use soclink::sources::file::BatchLimits;
 use soclink::sources::syslog::SyslogLimits;
-use syslog_common::{by_id, start, Opts};
+use syslog_common::{Opts, by_id, start};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(8);
@@ -28,7 +28,14 @@ fn lines(prefix: &str, n: usize) -> Vec<String> {
 async fn logger(args: &[&str], port: u16, lines: &[String]) {
     let mut child = tokio::process::Command::new("logger")
         .args(args)
-        .args(["-n", "127.0.0.1", "-P", &port.to_string(), "-t", "soclinktest"])
+        .args([
+            "-n",
+            "127.0.0.1",
+            "-P",
+            &port.to_string(),
+            "-t",
+            "soclinktest",
+        ])
         .stdin(Stdio::piped())
         .spawn()
         .expect("logger (util-linux) must be installed");
@@ -44,9 +51,18 @@ async fn logger(args: &[&str], port: u16, lines: &[String]) {
 fn check_logger_events(events: &[serde_json::Value], sent: &[String], format: &str, peer_ip: &str) {
     let got = by_id(events);
     assert_eq!(got.len(), sent.len());
-    let hostname = String::from_utf8(std::process::Command::new("hostname").output().unwrap().stdout).unwrap();
+    let hostname = String::from_utf8(
+        std::process::Command::new("hostname")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
     for line in sent {
-        let id = line.split_whitespace().find(|w| w.starts_with("id=")).unwrap();
+        let id = line
+            .split_whitespace()
+            .find(|w| w.starts_with("id="))
+            .unwrap();
         let e = &got[id];
         assert_eq!(e["message"].as_str().unwrap(), line, "byte for byte");
         assert_eq!(e["app"], "soclinktest");
@@ -76,7 +92,12 @@ async fn logger_over_udp_rfc5424() {
     let events = r.events(sent.len(), T).await;
     check_logger_events(&events, &sent, "rfc5424", "127.0.0.1:");
     // logger's default RFC 5424 structured data.
-    assert!(events[0]["sd"].as_str().unwrap().starts_with("[timeQuality "));
+    assert!(
+        events[0]["sd"]
+            .as_str()
+            .unwrap()
+            .starts_with("[timeQuality ")
+    );
     let rest = r.shutdown().await;
     assert!(rest.is_empty());
 }
@@ -85,7 +106,12 @@ async fn logger_over_udp_rfc5424() {
 async fn logger_over_tcp_octet_counted_and_lf() {
     let mut r = start(Opts::default()).await;
     let counted = lines("tcpoc", 300);
-    logger(&["-T", "--octet-count", "--rfc5424"], r.tcp.port(), &counted).await;
+    logger(
+        &["-T", "--octet-count", "--rfc5424"],
+        r.tcp.port(),
+        &counted,
+    )
+    .await;
     let events = r.events(counted.len(), T).await;
     check_logger_events(&events, &counted, "rfc5424", "127.0.0.1:");
 
@@ -129,7 +155,11 @@ async fn oversized_unparseable_and_binary_messages() {
     // The first 1024 bytes of the frame were parsed; its MSG part is what is left of them.
     assert_eq!(msg, big.as_bytes()[20..1024]);
     let e = &got["id=junk"];
-    assert_eq!(soclink::event::message_bytes(e).unwrap(), junk, "kept whole, byte for byte");
+    assert_eq!(
+        soclink::event::message_bytes(e).unwrap(),
+        junk,
+        "kept whole, byte for byte"
+    );
     assert!(e.get("message").is_none());
     assert_eq!(e["parse_error"], "missing PRI");
     assert_eq!(e["format"], "unknown");
@@ -139,7 +169,10 @@ async fn oversized_unparseable_and_binary_messages() {
     let e = &got["id=udpbig"];
     assert_eq!(e["truncated"], true);
     assert_eq!(e["hostname"], "fw");
-    assert_eq!(soclink::event::message_bytes(e).unwrap(), &dgram.as_bytes()[23..1024]);
+    assert_eq!(
+        soclink::event::message_bytes(e).unwrap(),
+        &dgram.as_bytes()[23..1024]
+    );
     assert_eq!(r.stats.truncated.load(Ordering::Relaxed), 2);
     assert_eq!(r.stats.parse_errors.load(Ordering::Relaxed), 1);
     r.shutdown().await;
@@ -151,7 +184,10 @@ async fn absurd_octet_count_closes_the_connection() {
     let mut tcp = tokio::net::TcpStream::connect(r.tcp).await.unwrap();
     tcp.write_all(b"9 <13>id=a\n99999999999 x").await.unwrap();
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(T, tcp.read(&mut buf)).await.unwrap().unwrap_or(0);
+    let n = tokio::time::timeout(T, tcp.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
     assert_eq!(n, 0, "the server closes the connection");
     let events = r.events(1, T).await;
     assert_eq!(events[0]["message"], "id=a\n");
@@ -180,13 +216,28 @@ async fn connection_limit_and_idle_timeout() {
     r.events(2, T).await;
     let mut c = tokio::net::TcpStream::connect(r.tcp).await.unwrap();
     let mut buf = [0u8; 8];
-    let n = tokio::time::timeout(T, c.read(&mut buf)).await.unwrap().unwrap_or(0);
+    let n = tokio::time::timeout(T, c.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
     assert_eq!(n, 0, "a third connection is refused");
     assert_eq!(r.stats.rejected_connections.load(Ordering::Relaxed), 1);
     // Idle connections are closed, which frees their slots.
     let started = Instant::now();
-    assert_eq!(tokio::time::timeout(T, a.read(&mut buf)).await.unwrap().unwrap_or(0), 0);
-    assert_eq!(tokio::time::timeout(T, b.read(&mut buf)).await.unwrap().unwrap_or(0), 0);
+    assert_eq!(
+        tokio::time::timeout(T, a.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0),
+        0
+    );
+    assert_eq!(
+        tokio::time::timeout(T, b.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0),
+        0
+    );
     assert!(started.elapsed() < Duration::from_secs(3));
     wait_for(|| r.stats.active_connections.load(Ordering::Relaxed) == 0).await;
     let mut d = tokio::net::TcpStream::connect(r.tcp).await.unwrap();
@@ -204,7 +255,9 @@ async fn shutdown_hands_on_partial_lines_and_the_open_batch() {
     opts.batch.max_delay = Duration::from_secs(3600);
     let r = start(opts).await;
     let mut tcp = tokio::net::TcpStream::connect(r.tcp).await.unwrap();
-    tcp.write_all(b"<13>id=1 complete\n<13>id=2 partial").await.unwrap();
+    tcp.write_all(b"<13>id=1 complete\n<13>id=2 partial")
+        .await
+        .unwrap();
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     udp.send_to(b"<13>id=3 udp", r.udp).unwrap();
     while r.stats.received.load(Ordering::Relaxed) < 2 {
@@ -258,14 +311,22 @@ async fn backpressure_tcp_waits_udp_counts_drops() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let stuck_at = written.load(Ordering::Relaxed);
     eprintln!("writer stuck at {stuck_at} of {total_bytes} bytes");
-    assert!(stuck_at < total_bytes / 2, "TCP kept reading into a full pipeline: {stuck_at} of {total_bytes} bytes written");
+    assert!(
+        stuck_at < total_bytes / 2,
+        "TCP kept reading into a full pipeline: {stuck_at} of {total_bytes} bytes written"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(written.load(Ordering::Relaxed), stuck_at, "the writer is blocked");
+    assert_eq!(
+        written.load(Ordering::Relaxed),
+        stuck_at,
+        "the writer is blocked"
+    );
 
     // UDP into the same full pipeline: dropped and counted, never silently.
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     for i in 0..200 {
-        udp.send_to(format!("<13>id=u{i:03}").as_bytes(), r.udp).unwrap();
+        udp.send_to(format!("<13>id=u{i:03}").as_bytes(), r.udp)
+            .unwrap();
     }
     let deadline = Instant::now() + T;
     while r.stats.udp_drops.load(Ordering::Relaxed) == 0 {
@@ -277,8 +338,11 @@ async fn backpressure_tcp_waits_udp_counts_drops() {
     let mut tcp_ids = vec![0u8; N];
     let mut udp_seen = 0u64;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while tcp_ids.iter().any(|&c| c == 0) {
-        let b = tokio::time::timeout_at(deadline, r.rx.recv()).await.expect("all TCP messages arrive").unwrap();
+    while tcp_ids.contains(&0) {
+        let b = tokio::time::timeout_at(deadline, r.rx.recv())
+            .await
+            .expect("all TCP messages arrive")
+            .unwrap();
         // Cheap scan (20k events): find each id without a JSON parse.
         for line in b.raw.split(|&c| c == b'\n').filter(|l| !l.is_empty()) {
             let s = std::str::from_utf8(line).unwrap();
@@ -299,7 +363,10 @@ async fn backpressure_tcp_waits_udp_counts_drops() {
     assert!(drops > 0);
     assert!(udp_seen + drops <= 200);
     let rest = r.shutdown().await;
-    assert!(rest.iter().all(|e| e["message"].as_str().unwrap().starts_with("id=u")));
+    assert!(
+        rest.iter()
+            .all(|e| e["message"].as_str().unwrap().starts_with("id=u"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,17 +403,19 @@ async fn tls_with_client_certificate() {
     }
 
     // Without a client certificate the handshake fails, and that is counted.
-    let no_cert = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates({
-            let mut roots = rustls::RootCertStore::empty();
-            for c in soclink::tls::load_certs(&certs.ca).unwrap() {
-                roots.add(c).unwrap();
-            }
-            roots
-        })
-        .with_no_client_auth();
+    let no_cert = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates({
+        let mut roots = rustls::RootCertStore::empty();
+        for c in soclink::tls::load_certs(&certs.ca).unwrap() {
+            roots.add(c).unwrap();
+        }
+        roots
+    })
+    .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(no_cert));
     let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
@@ -362,5 +431,8 @@ async fn tls_with_client_certificate() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let rest = r.shutdown().await;
-    assert!(rest.is_empty(), "nothing from an unauthenticated client: {rest:?}");
+    assert!(
+        rest.is_empty(),
+        "nothing from an unauthenticated client: {rest:?}"
+    );
 }

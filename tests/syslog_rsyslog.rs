@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use syslog_common::{by_id, start, Opts};
+use syslog_common::{Opts, by_id, start};
 
 fn rsyslogd() -> Option<PathBuf> {
     let found = ["/usr/sbin/rsyslogd", "/sbin/rsyslogd"]
@@ -48,7 +48,6 @@ impl Rsyslog {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn config(dir: &Path, certs: &soclink::certs::DevCerts, tcp_port: u16, tls_port: u16) -> String {
     let d = dir.display();
     format!(
@@ -93,7 +92,8 @@ async fn rsyslog_forwards_over_tcp_and_tls() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let certs = soclink::certs::write_dev_certs(&dir.path().join("certs"), "rsyslog-sender").unwrap();
+    let certs =
+        soclink::certs::write_dev_certs(&dir.path().join("certs"), "rsyslog-sender").unwrap();
     let server = soclink::tls::server_config(&certs.ca, &certs.relay, &certs.relay_key).unwrap();
     let mut r = start(Opts {
         tls: Some(server),
@@ -107,7 +107,11 @@ async fn rsyslog_forwards_over_tcp_and_tls() {
     std::fs::write(dir.path().join("in-tcp.log"), tcp_lines.join("\n") + "\n").unwrap();
     std::fs::write(dir.path().join("in-tls.log"), tls_lines.join("\n") + "\n").unwrap();
     let conf = dir.path().join("rsyslog.conf");
-    std::fs::write(&conf, config(dir.path(), &certs, r.tcp.port(), r.tls.unwrap().port())).unwrap();
+    std::fs::write(
+        &conf,
+        config(dir.path(), &certs, r.tcp.port(), r.tls.unwrap().port()),
+    )
+    .unwrap();
 
     let log = dir.path().join("rsyslogd.out");
     let out = std::fs::File::create(&log).unwrap();

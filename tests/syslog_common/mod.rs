@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use soclink::sources::SealedBatch;
 use soclink::sources::file::BatchLimits;
 use soclink::sources::syslog::{SyslogLimits, SyslogListen, SyslogSource, SyslogStats};
-use soclink::sources::SealedBatch;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -128,7 +128,12 @@ impl Running {
                 Err(_) => break,
             }
         }
-        assert!(out.len() >= n, "expected {n} events, got {}: {:?}", out.len(), out.last());
+        assert!(
+            out.len() >= n,
+            "expected {n} events, got {}: {:?}",
+            out.len(),
+            out.last()
+        );
         out
     }
 
@@ -159,7 +164,10 @@ pub fn by_id(events: &[serde_json::Value]) -> HashMap<String, serde_json::Value>
             .find(|w| w.starts_with("id="))
             .unwrap_or_else(|| panic!("no id in {e}"))
             .to_string();
-        assert!(map.insert(id.clone(), e.clone()).is_none(), "{id} arrived twice");
+        assert!(
+            map.insert(id.clone(), e.clone()).is_none(),
+            "{id} arrived twice"
+        );
     }
     map
 }

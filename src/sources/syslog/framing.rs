@@ -127,6 +127,7 @@ impl Framer {
                     data = &data[1..];
                     if is_count {
                         self.buf.clear();
+                        self.overflow = false;
                         self.probing = false;
                         self.framing = Framing::OctetCounted;
                         // A zero-length frame carries nothing to keep.
@@ -137,7 +138,8 @@ impl Framer {
                         };
                     } else {
                         if self.probing {
-                            self.buf.push(c); // at most MAX_COUNT_DIGITS bytes
+                            // Kept as the start of a line, should it turn out to be one.
+                            self.keep(&[c]);
                         }
                         self.state = State::Count {
                             value: value * 10 + u64::from(c - b'0'),
@@ -237,7 +239,9 @@ fn strip_cr(line: &[u8]) -> &[u8] {
 mod tests {
     use super::*;
 
-    fn frames(max: usize, chunks: &[&[u8]]) -> (Vec<(Vec<u8>, bool)>, Result<(), FrameError>) {
+    type Frames = Vec<(Vec<u8>, bool)>;
+
+    fn frames(max: usize, chunks: &[&[u8]]) -> (Frames, Result<(), FrameError>) {
         let mut f = Framer::new(max);
         let mut out = Vec::new();
         for c in chunks {
@@ -249,7 +253,7 @@ mod tests {
         (out, Ok(()))
     }
 
-    fn msgs(v: &[(&str, bool)]) -> Vec<(Vec<u8>, bool)> {
+    fn msgs(v: &[(&str, bool)]) -> Frames {
         v.iter().map(|(m, t)| (m.as_bytes().to_vec(), *t)).collect()
     }
 
@@ -305,6 +309,8 @@ mod tests {
 
     #[test]
     fn first_message_starting_with_digits_is_a_line() {
+        let (out, _) = frames(1, &[b"000\0"]);
+        assert_eq!(out, msgs(&[("0", true)]));
         let (out, r) = frames(100, &[b"12", b"3: *Mar  1 x\n", b"5 <1>a\n"]);
         assert!(r.is_ok());
         assert_eq!(out, msgs(&[("123: *Mar  1 x", false), ("5 <1>a", false)]));

@@ -550,3 +550,60 @@ async fn seal(name: &str, open: &mut Open, out: &mpsc::Sender<SealedBatch>, lost
         tracing::error!(source = %name, events = n, total, "syslog: pipeline closed; received events could not be handed on");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(day: &str, len: usize) -> Chunk {
+        Chunk {
+            raw: vec![b'x'; len],
+            day: day.to_string(),
+            events: 1,
+            bytes: 0,
+            parse_errors: 0,
+            truncated: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn batches_split_at_day_boundaries_and_size() {
+        let (tx, rx) = mpsc::channel(8);
+        let (out_tx, mut out_rx) = mpsc::channel(8);
+        let limits = BatchLimits {
+            max_bytes: 100,
+            max_delay: Duration::from_secs(3600),
+        };
+        let task = tokio::spawn(batcher("s".into(), rx, out_tx, limits));
+        for (day, len) in [
+            ("2026-11-26", 10),
+            ("2026-11-26", 10),
+            ("2026-11-27", 10),
+            ("2026-11-27", 95),
+            ("2026-11-27", 150),
+            ("2026-11-27", 5),
+        ] {
+            tx.send(chunk(day, len)).await.unwrap();
+        }
+        drop(tx);
+        task.await.unwrap();
+        let mut got = Vec::new();
+        while let Some(b) = out_rx.recv().await {
+            assert!(b.cursor.is_none());
+            assert_eq!(b.source, "s");
+            got.push((b.day, b.events, b.raw.len()));
+        }
+        let want = [
+            ("2026-11-26", 2, 20),
+            ("2026-11-27", 1, 10),
+            ("2026-11-27", 1, 95),
+            ("2026-11-27", 1, 150),
+            ("2026-11-27", 1, 5),
+        ];
+        let want: Vec<(String, u32, usize)> = want
+            .iter()
+            .map(|(d, e, l)| (d.to_string(), *e, *l))
+            .collect();
+        assert_eq!(got, want);
+    }
+}

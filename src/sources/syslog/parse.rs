@@ -20,6 +20,11 @@
 //!
 //! Header fields are only ever taken from bytes that are valid UTF-8 without control
 //! characters; the message part may be any bytes (the encoder base64s what is not UTF-8).
+//!
+//! The few direct slice indexings below use positions found by searching the same
+//! slice (memchr, `position`) or lengths checked on the line before; everything else
+//! goes through `get`/`strip_prefix`. The fuzz tests in `tests/syslog_parse.rs` run
+//! arbitrary bytes through every path.
 
 /// Which grammar a message was read with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,17 +235,17 @@ fn parse_5424<'a>(mut p: Parsed<'a>, whole: &'a [u8], rest: &'a [u8]) -> Parsed<
         p.message = rest;
         return p;
     }
-    let msg = if rest.first() == Some(&b'-') {
-        &rest[1..]
+    let msg = if let Some(after_nil) = rest.strip_prefix(b"-") {
+        after_nil
     } else if rest.first() == Some(&b'[') {
-        let Some(len) = sd_len(rest) else {
+        let Some((sd, after_sd)) = sd_len(rest).and_then(|n| rest.split_at_checked(n)) else {
             return p.failed(whole, "malformed structured data");
         };
-        let Ok(sd) = std::str::from_utf8(&rest[..len]) else {
+        let Ok(sd) = std::str::from_utf8(sd) else {
             return p.failed(whole, "structured data is not UTF-8");
         };
         p.structured_data = Some(sd);
-        &rest[len..]
+        after_sd
     } else {
         return p.failed(whole, "missing structured data");
     };
@@ -293,10 +298,10 @@ fn clock_at(b: &[u8], at: usize) -> Option<usize> {
     let i = digits_at(b, i + 1, 2, 2)?;
     (b.get(i) == Some(&b':')).then_some(())?;
     let i = digits_at(b, i + 1, 2, 2)?;
-    if b.get(i) == Some(&b'.') {
-        if let Some(j) = digits_at(b, i + 1, 1, 9) {
-            return Some(j);
-        }
+    if b.get(i) == Some(&b'.')
+        && let Some(j) = digits_at(b, i + 1, 1, 9)
+    {
+        return Some(j);
     }
     Some(i)
 }
@@ -314,19 +319,18 @@ fn bsd_timestamp(b: &[u8]) -> Option<usize> {
     i = digits_at(b, i, 1, 2)?;
     (b.get(i) == Some(&b' ')).then_some(())?;
     i += 1;
-    if let Some(y) = digits_at(b, i, 4, 4) {
-        if b.get(y) == Some(&b' ') {
-            return clock_at(b, y + 1);
-        }
+    if let Some(y) = digits_at(b, i, 4, 4)
+        && b.get(y) == Some(&b' ')
+    {
+        return clock_at(b, y + 1);
     }
     let end = clock_at(b, i)?;
     // A trailing year, only when a space follows it (a 4-digit hostname is unlikely).
-    if b.get(end) == Some(&b' ') {
-        if let Some(y) = digits_at(b, end + 1, 4, 4) {
-            if b.get(y) == Some(&b' ') {
-                return Some(y);
-            }
-        }
+    if b.get(end) == Some(&b' ')
+        && let Some(y) = digits_at(b, end + 1, 4, 4)
+        && b.get(y) == Some(&b' ')
+    {
+        return Some(y);
     }
     Some(end)
 }
@@ -354,21 +358,23 @@ fn parse_3164<'a>(mut p: Parsed<'a>, body: &'a [u8]) -> Parsed<'a> {
         return fortinet(p, rest);
     }
     let ts_len = bsd_timestamp(rest).or_else(|| iso_timestamp(rest));
-    if let Some(n) = ts_len {
+    if let Some((ts, after_ts)) = ts_len.and_then(|n| rest.split_at_checked(n)) {
         // Only ASCII bytes were matched, so this slice is valid UTF-8.
-        p.timestamp = std::str::from_utf8(&rest[..n]).ok();
-        rest = &rest[n..];
+        p.timestamp = std::str::from_utf8(ts).ok();
+        rest = after_ts;
         // Cisco ASA ends its timestamp with a colon: `Nov 26 2026 01:02:03: %ASA-...`.
         rest = rest.strip_prefix(b":").unwrap_or(rest);
         rest = rest.strip_prefix(b" ").unwrap_or(rest);
         // A hostname is a token followed by a space that is not itself the tag.
         let (tok, after) = token(rest);
         let is_tag = tok.ends_with(b":") || tok.contains(&b'[');
-        if !after.is_empty() && !is_tag && !tok.is_empty() {
-            if let Some(h) = field(tok) {
-                p.hostname = Some(h);
-                rest = after;
-            }
+        if !after.is_empty()
+            && !is_tag
+            && !tok.is_empty()
+            && let Some(h) = field(tok)
+        {
+            p.hostname = Some(h);
+            rest = after;
         }
         if let Some(p) = cisco(&p, rest) {
             return p;
@@ -400,11 +406,10 @@ fn cisco<'a>(p: &Parsed<'a>, body: &'a [u8]) -> Option<Parsed<'a>> {
             && !name.contains(&b' ')
             && bsd_timestamp(rest).is_none()
             && iso_timestamp(rest).is_none()
+            && let Some(h) = field(name)
         {
-            if let Some(h) = field(name) {
-                out.hostname = Some(h);
-                rest = after;
-            }
+            out.hostname = Some(h);
+            rest = after;
         }
     }
     let marked = rest.first().is_some_and(|c| matches!(c, b'*' | b'.'));
