@@ -9,6 +9,9 @@
 //!   reading; the kernel's buffers fill and the sender is slowed down. Nothing is lost.
 //! - UDP: a datagram cannot wait. When the channel is full the chunk is dropped, the
 //!   drop is counted in `udp_drops` and reported (a warning at most every 10 s).
+//!   Datagrams the kernel drops before we read them (socket receive buffer full) are
+//!   not visible here; Linux counts them as `UdpRcvbufErrors` in /proc/net/snmp, and
+//!   `net.core.rmem_default` sizes that buffer.
 //!
 //! Bounds: `max_connections` open TCP/TLS connections in total (more are accepted and
 //! closed at once, counted in `rejected_connections`); `idle_timeout` without data
@@ -190,7 +193,7 @@ impl Ctx {
         if chunk.events == 0 {
             return true;
         }
-        let stats = Arc::clone(&self.stats);
+        // The counters travel apart from the bytes, which the batcher takes over.
         let counted = Chunk {
             raw: Vec::new(),
             day: String::new(),
@@ -199,7 +202,7 @@ impl Ctx {
         if self.tx.send(chunk).await.is_err() {
             return false;
         }
-        counted.count(&stats);
+        counted.count(&self.stats);
         true
     }
 }
@@ -321,8 +324,7 @@ async fn connection(
     tls: Option<tokio_rustls::TlsAcceptor>,
     stop: CancellationToken,
 ) {
-    let _ = sock.set_nodelay(true);
-    let peer_str = peer.to_string();
+    let peer_str = peer_string(peer);
     let result = match tls {
         None => read_stream(ctx, sock, &peer_str, &stop).await,
         Some(acceptor) => {
@@ -403,6 +405,12 @@ async fn read_stream<S: AsyncRead + Unpin>(
     outcome
 }
 
+/// `192.0.2.7:514`, also for IPv4 senders reaching a dual-stack `[::]` listener (which
+/// sees them as `[::ffff:192.0.2.7]`), so one device has one address in the store.
+fn peer_string(peer: SocketAddr) -> String {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port()).to_string()
+}
+
 /// One datagram is one message; a trailing LF/CRLF/NUL some senders add is not part of it.
 fn datagram(msg: &[u8]) -> &[u8] {
     let msg = msg.strip_suffix(b"\0").unwrap_or(msg);
@@ -430,7 +438,7 @@ async fn udp_loop(ctx: Arc<Ctx>, sock: UdpSocket, stop: CancellationToken) {
                     let peer_str = match &last_peer {
                         Some((a, s)) if *a == peer => s.clone(),
                         _ => {
-                            let s = peer.to_string();
+                            let s = peer_string(peer);
                             last_peer = Some((peer, s.clone()));
                             s
                         }
@@ -564,6 +572,21 @@ mod tests {
             parse_errors: 0,
             truncated: 0,
         }
+    }
+
+    #[test]
+    fn peers_are_canonical() {
+        let v4mapped: SocketAddr = "[::ffff:192.0.2.7]:514".parse().unwrap();
+        assert_eq!(peer_string(v4mapped), "192.0.2.7:514");
+        let v6: SocketAddr = "[2001:db8::1]:514".parse().unwrap();
+        assert_eq!(peer_string(v6), "[2001:db8::1]:514");
+    }
+
+    #[test]
+    fn datagram_trailers() {
+        assert_eq!(datagram(b"<13>a\r\n"), b"<13>a");
+        assert_eq!(datagram(b"<13>a\n\0"), b"<13>a");
+        assert_eq!(datagram(b"<13>a\n\n"), b"<13>a\n");
     }
 
     #[tokio::test]
