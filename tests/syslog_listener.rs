@@ -51,13 +51,7 @@ async fn logger(args: &[&str], port: u16, lines: &[String]) {
 fn check_logger_events(events: &[serde_json::Value], sent: &[String], format: &str, peer_ip: &str) {
     let got = by_id(events);
     assert_eq!(got.len(), sent.len());
-    let hostname = String::from_utf8(
-        std::process::Command::new("hostname")
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let hostname = hostname::get().unwrap().into_string().unwrap();
     for line in sent {
         let id = line
             .split_whitespace()

@@ -84,7 +84,8 @@ fn lines(prefix: &str, n: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rsyslog_forwards_over_tcp_and_tls() {
     let Some(bin) = rsyslogd() else {
-        let msg = "rsyslogd with GnuTLS support not found: install the Debian packages `rsyslog rsyslog-gnutls`";
+        let msg = "rsyslogd with GnuTLS support not found: install the Debian packages \
+                   `rsyslog rsyslog-gnutls` (CI: add them to the apt-get line of .ci/run)";
         if std::env::var_os("CI").is_some() {
             panic!("{msg}");
         }
@@ -145,8 +146,9 @@ async fn rsyslog_forwards_over_tcp_and_tls() {
 
     let got = by_id(&events);
     assert_eq!(got.len(), want);
-    let host = String::from_utf8(Command::new("hostname").output().unwrap().stdout).unwrap();
-    let short = host.trim().split('.').next().unwrap().to_string();
+    // rsyslog sends the short name unless told to preserve the FQDN.
+    let host = hostname::get().unwrap().into_string().unwrap();
+    let short = host.split('.').next().unwrap().to_string();
     for (sent, app, fac, sev, format) in [
         (&tcp_lines, "soclinktcp", "local3", "warning", "rfc3164"),
         (&tls_lines, "soclinktls", "auth", "info", "rfc5424"),
