@@ -22,7 +22,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc as std_mpsc};
+use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use notify::Watcher;
@@ -30,10 +30,10 @@ use sha2::Digest;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::SealedBatch;
 use super::checkpoint::FilePos;
+use super::SealedBatch;
 use crate::config::{FileSourceConfig, StartAt};
-use crate::event::{FilePrefix, encode_file_line};
+use crate::event::{encode_file_line, FilePrefix};
 use crate::util::{day_of, now_rfc3339};
 
 /// Fingerprint covers up to this many leading bytes.
@@ -184,10 +184,7 @@ impl FileSource {
                 cursor: HashMap::new(),
             },
             buf: vec![0; READ_CHUNK],
-            known: checkpoint
-                .into_iter()
-                .map(|p| ((p.dev, p.ino), p))
-                .collect(),
+            known: checkpoint.into_iter().map(|p| ((p.dev, p.ino), p)).collect(),
             first_scan: true,
         }
     }
@@ -467,10 +464,7 @@ impl FileSource {
         if t.fp_len == 0 || t.offset == 0 {
             return;
         }
-        let dir = Path::new(&t.path)
-            .parent()
-            .unwrap_or(Path::new("/"))
-            .to_path_buf();
+        let dir = Path::new(&t.path).parent().unwrap_or(Path::new("/")).to_path_buf();
         let (offset, fp_len, fp, path) = (t.offset, t.fp_len, t.fp, t.path.clone());
         for (k, p, len) in list_files(&dir) {
             if k == key || self.files.contains_key(&k) || len < offset {
@@ -562,15 +556,7 @@ impl FileSource {
                 return;
             };
             let prefix = FilePrefix::new(&ts, &self.host, &self.name, &t.path);
-            let c = split_lines(
-                t,
-                &mut self.batch,
-                &prefix,
-                data,
-                pos,
-                max,
-                self.limits.max_bytes,
-            );
+            let c = split_lines(t, &mut self.batch, &prefix, data, pos, max, self.limits.max_bytes);
             if c.lines > 0 {
                 if self.batch.started.is_none() {
                     self.batch.started = Some(Instant::now());
@@ -579,9 +565,7 @@ impl FileSource {
             }
             self.stats.lines.fetch_add(c.lines, Ordering::Relaxed);
             self.stats.bytes.fetch_add(c.bytes, Ordering::Relaxed);
-            self.stats
-                .truncated
-                .fetch_add(c.truncated, Ordering::Relaxed);
+            self.stats.truncated.fetch_add(c.truncated, Ordering::Relaxed);
             match c.stopped_at {
                 Some(p) => {
                     pos = p;
@@ -606,10 +590,7 @@ impl FileSource {
             }
             let idle = now.duration_since(t.last_data);
             let has_partial = !t.partial.is_empty() || t.overflow;
-            if has_partial
-                && (idle >= self.cfg.partial_line_timeout
-                    || (!t.at_path && idle >= self.cfg.rotate_wait))
-            {
+            if has_partial && (idle >= self.cfg.partial_line_timeout || (!t.at_path && idle >= self.cfg.rotate_wait)) {
                 self.flush_partial(key);
             }
             let Some(t) = self.files.get(&key) else {
@@ -775,14 +756,7 @@ fn watch_root(pattern: &str) -> (PathBuf, bool) {
     for (i, c) in comps.iter().enumerate() {
         if c.contains(['*', '?', '[']) {
             recursive = comps[i..].len() > 1;
-            return (
-                if root.as_os_str().is_empty() {
-                    "/".into()
-                } else {
-                    root
-                },
-                recursive,
-            );
+            return (if root.as_os_str().is_empty() { "/".into() } else { root }, recursive);
         }
         if i + 1 == comps.len() {
             break; // the file name itself: watch its directory
@@ -855,10 +829,7 @@ mod tests {
     #[test]
     fn watch_roots() {
         assert_eq!(watch_root("/var/log/syslog"), ("/var/log".into(), false));
-        assert_eq!(
-            watch_root("/var/log/nginx/*.log"),
-            ("/var/log/nginx".into(), false)
-        );
+        assert_eq!(watch_root("/var/log/nginx/*.log"), ("/var/log/nginx".into(), false));
         assert_eq!(watch_root("/var/log/*/x.log"), ("/var/log".into(), true));
     }
 

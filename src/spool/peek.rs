@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use super::format::{self, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
-use super::{LEDGER_FILE, Record};
+use super::{Record, LEDGER_FILE};
 
 /// The acknowledged position recorded in the ledger (0 if none or unreadable).
 pub fn acked(dir: &Path) -> u64 {
