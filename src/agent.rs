@@ -27,10 +27,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::BatchMeta;
 use crate::config::{AgentConfig, SourceKind};
+use crate::ship::Shipper;
+use crate::sources::SealedBatch;
 use crate::sources::checkpoint::{Checkpoints, FilePos};
 use crate::sources::file::{BatchLimits, FileSource, SourceStats};
-use crate::sources::SealedBatch;
-use crate::ship::Shipper;
 use crate::spool::{Spool, SpoolOptions};
 use crate::tls::ReloadableClientConfig;
 
@@ -121,7 +121,10 @@ impl Agent {
             Err(e) => {
                 let aside = ck_path.with_extension("json.corrupt");
                 let _ = std::fs::rename(&ck_path, &aside);
-                tracing::error!("{e}; moved it to {} and starting without checkpoints (files are read again per start_at; the relay drops nothing it already has only if sequences match, so expect duplicates of recent lines)", aside.display());
+                tracing::error!(
+                    "{e}; moved it to {} and starting without checkpoints (files are read again per start_at; the relay drops nothing it already has only if sequences match, so expect duplicates of recent lines)",
+                    aside.display()
+                );
                 Checkpoints::default()
             }
         };
@@ -299,7 +302,10 @@ async fn write_stage(
         // source threads block. Nothing is lost: their files are their buffer.
         while spool.is_full() {
             if !full_logged {
-                tracing::warn!("spool is full ({} bytes): sources are paused until the upstream acknowledges batches", spool.stats().bytes);
+                tracing::warn!(
+                    "spool is full ({} bytes): sources are paused until the upstream acknowledges batches",
+                    spool.stats().bytes
+                );
                 full_logged = true;
             }
             tokio::select! {
@@ -371,8 +377,7 @@ pub fn positions(ck: &Checkpoints) -> HashMap<String, Vec<FilePos>> {
 /// reload keeps the old ones and says why.
 fn spawn_reload_on_hup(tls: Arc<ReloadableClientConfig>, shutdown: CancellationToken) {
     tokio::spawn(async move {
-        let Ok(mut hup) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {
             return;
         };

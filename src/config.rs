@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::util::{line_col, HumanDuration, Size};
+use crate::util::{HumanDuration, Size, line_col};
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/soclink";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/soclink/control.sock";
@@ -392,7 +392,10 @@ fn spool_settings(raw: RawSpool, p: &mut Problems) -> SpoolSettings {
     }
     if let Some(v) = raw.batch_max_bytes {
         if !(1024..=(64 << 20)).contains(&v.get_ref().0) {
-            p.at(v.span(), "spool.batch_max_bytes must be between 1KiB and 64MiB");
+            p.at(
+                v.span(),
+                "spool.batch_max_bytes must be between 1KiB and 64MiB",
+            );
         }
         s.batch_max_bytes = v.get_ref().0;
     }
@@ -456,9 +459,9 @@ pub fn host_of(address: &str) -> Option<&str> {
 }
 
 fn parse_proxy(s: &str) -> Result<String, String> {
-    let rest = s.strip_prefix("http://").ok_or_else(|| {
-        format!("upstream.proxy {s:?} must be an http:// URL of a CONNECT proxy")
-    })?;
+    let rest = s
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("upstream.proxy {s:?} must be an http:// URL of a CONNECT proxy"))?;
     let hostport = rest.trim_end_matches('/');
     if host_of(hostport).is_none() {
         return Err(format!(
@@ -662,7 +665,10 @@ pub fn parse_relay(text: &str) -> Result<RelayConfig, Vec<Problem>> {
         },
         None => 4096,
     };
-    let max_batch_bytes = raw.max_batch_bytes.as_ref().map_or(256 << 20, |m| m.get_ref().0);
+    let max_batch_bytes = raw
+        .max_batch_bytes
+        .as_ref()
+        .map_or(256 << 20, |m| m.get_ref().0);
     let spool = spool_settings(raw.spool, &mut p);
     let upstream = raw.upstream.and_then(|u| upstream(u, &mut p));
     if !p.list.is_empty() {
@@ -706,7 +712,10 @@ impl RelayConfig {
             self.max_connections,
             Size(self.max_batch_bytes),
             match &self.upstream {
-                Some(u) => format!(" Everything received is spooled and forwarded to {}.", u.address),
+                Some(u) => format!(
+                    " Everything received is spooled and forwarded to {}.",
+                    u.address
+                ),
                 None => String::new(),
             }
         )
@@ -801,10 +810,13 @@ compression_level = 12
 
     #[test]
     fn relay_defaults() {
-        let r = parse_relay("ca = \"/c\"\ncert = \"/r\"\nkey = \"/k\"\nstate_dir = \"/s\"\n")
-            .unwrap();
+        let r =
+            parse_relay("ca = \"/c\"\ncert = \"/r\"\nkey = \"/k\"\nstate_dir = \"/s\"\n").unwrap();
         assert_eq!(r.listen, vec!["0.0.0.0:6514"]);
         assert_eq!(r.store_dir, PathBuf::from("/s/store"));
-        assert!(parse_relay("ca = \"/c\"\ncert = \"/r\"\nkey = \"/k\"\nlisten = [\"nowhere\"]\n").is_err());
+        assert!(
+            parse_relay("ca = \"/c\"\ncert = \"/r\"\nkey = \"/k\"\nlisten = [\"nowhere\"]\n")
+                .is_err()
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agent;
@@ -23,13 +23,48 @@ pub fn sample_line(n: u64) -> String {
     let (sec, min, hour) = (n % 60, (n / 60) % 60, (n / 3600) % 24);
     let ts = format!("Nov 26 {hour:02}:{min:02}:{sec:02}");
     match n % 7 {
-        0 => format!("{ts} {host} sshd[{}]: Accepted publickey for admin from {ip} port {} ssh2: ED25519 SHA256:{:016x}", 1000 + n % 30000, 1024 + n % 64000, n.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-        1 => format!("{ts} {host} sshd[{}]: Failed password for invalid user test{} from {ip} port {} ssh2", 1000 + n % 30000, n % 97, 1024 + n % 64000),
-        2 => format!("{ip} - - [26/Nov/2026:{hour:02}:{min:02}:{sec:02} +0800] \"GET /api/v1/items/{} HTTP/1.1\" {} {} \"-\" \"Mozilla/5.0 (X11; Linux x86_64)\"", n % 10007, [200, 200, 304, 404, 500][(n % 5) as usize], 200 + n % 9000),
-        3 => format!("{ts} {host} kernel: [{}.{:06}] UFW BLOCK IN=eth0 OUT= SRC={ip} DST=192.0.2.10 LEN={} PROTO=TCP SPT={} DPT={}", n / 100, n % 1_000_000, 40 + n % 1400, 1024 + n % 60000, [22, 80, 443, 3389, 445][(n % 5) as usize]),
-        4 => format!("{ts} {host} CRON[{}]: (root) CMD (/usr/local/bin/backup.sh --target s3://bucket/{} )", 2000 + n % 5000, n % 13),
-        5 => format!("{ts} {host} postfix/smtpd[{}]: NOQUEUE: reject: RCPT from unknown[{ip}]: 554 5.7.1 <user{}@example.gov.tw>: Relay access denied", 3000 + n % 4000, n % 500),
-        _ => format!("{ts} {host} systemd[1]: Started session-{}.scope - Session {} of User u{}.", n % 100_000, n % 100_000, n % 50),
+        0 => format!(
+            "{ts} {host} sshd[{}]: Accepted publickey for admin from {ip} port {} ssh2: ED25519 SHA256:{:016x}",
+            1000 + n % 30000,
+            1024 + n % 64000,
+            n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ),
+        1 => format!(
+            "{ts} {host} sshd[{}]: Failed password for invalid user test{} from {ip} port {} ssh2",
+            1000 + n % 30000,
+            n % 97,
+            1024 + n % 64000
+        ),
+        2 => format!(
+            "{ip} - - [26/Nov/2026:{hour:02}:{min:02}:{sec:02} +0800] \"GET /api/v1/items/{} HTTP/1.1\" {} {} \"-\" \"Mozilla/5.0 (X11; Linux x86_64)\"",
+            n % 10007,
+            [200, 200, 304, 404, 500][(n % 5) as usize],
+            200 + n % 9000
+        ),
+        3 => format!(
+            "{ts} {host} kernel: [{}.{:06}] UFW BLOCK IN=eth0 OUT= SRC={ip} DST=192.0.2.10 LEN={} PROTO=TCP SPT={} DPT={}",
+            n / 100,
+            n % 1_000_000,
+            40 + n % 1400,
+            1024 + n % 60000,
+            [22, 80, 443, 3389, 445][(n % 5) as usize]
+        ),
+        4 => format!(
+            "{ts} {host} CRON[{}]: (root) CMD (/usr/local/bin/backup.sh --target s3://bucket/{} )",
+            2000 + n % 5000,
+            n % 13
+        ),
+        5 => format!(
+            "{ts} {host} postfix/smtpd[{}]: NOQUEUE: reject: RCPT from unknown[{ip}]: 554 5.7.1 <user{}@example.gov.tw>: Relay access denied",
+            3000 + n % 4000,
+            n % 500
+        ),
+        _ => format!(
+            "{ts} {host} systemd[1]: Started session-{}.scope - Session {} of User u{}.",
+            n % 100_000,
+            n % 100_000,
+            n % 50
+        ),
     }
 }
 
@@ -47,7 +82,10 @@ pub async fn run(dir: Option<PathBuf>, lines: u64) -> Result<()> {
     println!("soclink demo in {}", dir.display());
     let certs = dir.join("certs");
     crate::certs::write_dev_certs(&certs, "demo-agent").context("cannot create certificates")?;
-    println!("  1. created a throwaway CA, a relay certificate and an agent certificate (demo-agent) in {}", certs.display());
+    println!(
+        "  1. created a throwaway CA, a relay certificate and an agent certificate (demo-agent) in {}",
+        certs.display()
+    );
 
     let relay_cfg = config::parse_relay(&format!(
         "id = \"demo-relay\"\nlisten = [\"127.0.0.1:0\"]\nstate_dir = {:?}\nstore_dir = {:?}\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
@@ -62,8 +100,16 @@ pub async fn run(dir: Option<PathBuf>, lines: u64) -> Result<()> {
     let addr = listeners[0].local_addr()?;
     let store_dir = relay_cfg.store_dir.clone();
     let relay_stop = CancellationToken::new();
-    let relay = tokio::spawn(crate::relay::run(relay_cfg, listeners, relay_stop.clone(), |_| {}));
-    println!("  2. relay listening on {addr} (mutual TLS 1.3), storing into {}", store_dir.display());
+    let relay = tokio::spawn(crate::relay::run(
+        relay_cfg,
+        listeners,
+        relay_stop.clone(),
+        |_| {},
+    ));
+    println!(
+        "  2. relay listening on {addr} (mutual TLS 1.3), storing into {}",
+        store_dir.display()
+    );
 
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
@@ -83,13 +129,20 @@ pub async fn run(dir: Option<PathBuf>, lines: u64) -> Result<()> {
     let agent = Agent::open(agent_cfg)?;
     let agent_stop = CancellationToken::new();
     let agent_task = tokio::spawn(agent.run(agent_stop.clone()));
-    println!("  3. agent tailing {} and shipping to {addr} (config: {})", path(&logs.join("*.log")), dir.join("agent.toml").display());
+    println!(
+        "  3. agent tailing {} and shipping to {addr} (config: {})",
+        path(&logs.join("*.log")),
+        dir.join("agent.toml").display()
+    );
 
     // Write the sample log in bursts, as a busy service would.
     let writer = {
         let log = log.clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)?;
             let mut n = 0;
             while n < lines {
                 let mut buf = String::new();
@@ -106,25 +159,33 @@ pub async fn run(dir: Option<PathBuf>, lines: u64) -> Result<()> {
     };
     println!("  4. writing {lines} sample log lines...");
     let started = Instant::now();
-    let store_file = store_dir
-        .join("demo-agent")
-        .join("app")
-        .join(format!("{}.ndjson.gz", crate::util::day_of(&crate::util::now_rfc3339())));
+    let store_file = store_dir.join("demo-agent").join("app").join(format!(
+        "{}.ndjson.gz",
+        crate::util::day_of(&crate::util::now_rfc3339())
+    ));
     let mut stored = 0;
     let mut last_print = Instant::now();
     while stored < lines {
         tokio::time::sleep(Duration::from_millis(250)).await;
         stored = count_lines(&store_file);
         if last_print.elapsed() >= Duration::from_millis(750) || stored >= lines {
-            println!("     {:>6.1}s  stored {stored:>7} / {lines} lines", started.elapsed().as_secs_f64());
+            println!(
+                "     {:>6.1}s  stored {stored:>7} / {lines} lines",
+                started.elapsed().as_secs_f64()
+            );
             last_print = Instant::now();
         }
         if started.elapsed() > Duration::from_secs(120) {
-            bail!("the demo did not store every line within 2 minutes (stored {stored} of {lines})");
+            bail!(
+                "the demo did not store every line within 2 minutes (stored {stored} of {lines})"
+            );
         }
     }
     writer.await??;
-    println!("  5. every line arrived exactly once, in {:.1}s", started.elapsed().as_secs_f64());
+    println!(
+        "  5. every line arrived exactly once, in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     agent_stop.cancel();
     agent_task.await??;
     relay_stop.cancel();
@@ -132,7 +193,10 @@ pub async fn run(dir: Option<PathBuf>, lines: u64) -> Result<()> {
 
     let gz = std::fs::metadata(&store_file).map(|m| m.len()).unwrap_or(0);
     let raw = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-    println!("\nStored: {} ({gz} bytes of gzip for {raw} bytes of log)", store_file.display());
+    println!(
+        "\nStored: {} ({gz} bytes of gzip for {raw} bytes of log)",
+        store_file.display()
+    );
     println!("Read it with:  zcat {} | head", store_file.display());
     println!("First stored events:");
     let f = std::fs::File::open(&store_file)?;
@@ -140,7 +204,11 @@ pub async fn run(dir: Option<PathBuf>, lines: u64) -> Result<()> {
     for l in rd.lines().take(3) {
         println!("  {}", l?);
     }
-    println!("\nThe demo's files stay in {} (remove with: rm -r {}).", dir.display(), dir.display());
+    println!(
+        "\nThe demo's files stay in {} (remove with: rm -r {}).",
+        dir.display(),
+        dir.display()
+    );
     Ok(())
 }
 

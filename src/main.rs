@@ -188,11 +188,27 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             cmd: CertsCmd::Dev { out, agent_name },
         } => {
             let c = soclink::certs::write_dev_certs(&out, &agent_name)?;
-            eprintln!("WARNING: these certificates are for trying soclink out only. In production, use certificates issued by your center's CA.");
-            println!("CA certificate:     {}  (give it to relays and agents as `ca`)", c.ca.display());
-            println!("CA key:             {}  (keep it secret; only for issuing more)", c.ca_key.display());
-            println!("relay certificate:  {}  key {}", c.relay.display(), c.relay_key.display());
-            println!("agent certificate:  {}  key {}  (identity {agent_name:?})", c.agent.display(), c.agent_key.display());
+            eprintln!(
+                "WARNING: these certificates are for trying soclink out only. In production, use certificates issued by your center's CA."
+            );
+            println!(
+                "CA certificate:     {}  (give it to relays and agents as `ca`)",
+                c.ca.display()
+            );
+            println!(
+                "CA key:             {}  (keep it secret; only for issuing more)",
+                c.ca_key.display()
+            );
+            println!(
+                "relay certificate:  {}  key {}",
+                c.relay.display(),
+                c.relay_key.display()
+            );
+            println!(
+                "agent certificate:  {}  key {}  (identity {agent_name:?})",
+                c.agent.display(),
+                c.agent_key.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo { dir, lines } => {
@@ -202,11 +218,12 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::CheckConfig { config, kind } => check_config(&config, kind),
         Cmd::Spool {
-            cmd: SpoolCmd::Dump {
-                state_dir,
-                batches,
-                all,
-            },
+            cmd:
+                SpoolCmd::Dump {
+                    state_dir,
+                    batches,
+                    all,
+                },
         } => spool_dump(&state_dir, batches, all),
     }
 }
@@ -242,8 +259,11 @@ fn guess_kind(path: &std::path::Path) -> Kind {
         return Kind::Agent;
     };
     match text.parse::<toml::Table>() {
-        Ok(t) if !t.contains_key("source")
-            && (t.contains_key("store_dir") || t.contains_key("listen") || t.contains_key("ca")) =>
+        Ok(t)
+            if !t.contains_key("source")
+                && (t.contains_key("store_dir")
+                    || t.contains_key("listen")
+                    || t.contains_key("ca")) =>
         {
             Kind::Relay
         }
@@ -253,7 +273,11 @@ fn guess_kind(path: &std::path::Path) -> Kind {
 
 fn spool_dump(state_dir: &std::path::Path, batches: bool, all: bool) -> Result<ExitCode> {
     let dir = state_dir.join("spool");
-    let from = if all { 0 } else { soclink::spool::peek::acked(&dir) + 1 };
+    let from = if all {
+        0
+    } else {
+        soclink::spool::peek::acked(&dir) + 1
+    };
     let records = soclink::spool::peek::records(&dir, from)
         .with_context(|| format!("cannot read the spool in {}", dir.display()))?;
     let stdout = std::io::stdout();
@@ -277,7 +301,7 @@ fn spool_dump(state_dir: &std::path::Path, batches: bool, all: bool) -> Result<E
 /// SIGTERM and SIGINT both mean: stop gracefully.
 fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
+        use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut term), Ok(mut int)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
@@ -299,7 +323,7 @@ fn spawn_relay_reload(
     shutdown: CancellationToken,
 ) {
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
+        use tokio::signal::unix::{SignalKind, signal};
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
             return;
         };

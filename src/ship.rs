@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use rand::RngExt;
 use rustls_pki_types::ServerName;
@@ -168,7 +168,10 @@ impl Shipper {
                 protocol::SUPPORTED_VERSIONS
             ),
             Frame::Error(e) => bail!("the relay reported an error: {}", e.message),
-            other => bail!("unexpected {:?} frame instead of HelloAck", other.frame_type()),
+            other => bail!(
+                "unexpected {:?} frame instead of HelloAck",
+                other.frame_type()
+            ),
         };
         let relay_pos = ack
             .resume
@@ -228,8 +231,9 @@ impl Shipper {
                 let sp = self.spool.clone();
                 let rec = tokio::task::spawn_blocking(move || sp.read(next)).await??;
                 let Some(rec) = rec else { break };
-                let meta: BatchMeta = serde_json::from_slice(&rec.meta)
-                    .with_context(|| format!("spooled batch {} has unreadable metadata", rec.seq))?;
+                let meta: BatchMeta = serde_json::from_slice(&rec.meta).with_context(|| {
+                    format!("spooled batch {} has unreadable metadata", rec.seq)
+                })?;
                 let size = rec.payload.len() as u64;
                 let frame = Frame::Batch(Batch {
                     header: BatchHeader::from_meta(&self.stream, rec.seq, &meta),
@@ -319,7 +323,10 @@ impl Shipper {
 
 /// Ask an HTTP proxy for a tunnel (`CONNECT host:port`); the reply head is bounded.
 pub async fn http_connect(s: &mut TcpStream, target: &str) -> Result<()> {
-    let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: soclink/{}\r\n\r\n", env!("CARGO_PKG_VERSION"));
+    let req = format!(
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: soclink/{}\r\n\r\n",
+        env!("CARGO_PKG_VERSION")
+    );
     s.write_all(req.as_bytes()).await?;
     // Read byte-wise so nothing after the header (the relay's TLS bytes) is consumed.
     let mut head = Vec::new();

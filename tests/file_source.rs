@@ -14,7 +14,11 @@ use rand::{RngExt, SeedableRng};
 const T: Duration = Duration::from_secs(60);
 
 fn append(path: &std::path::Path, lines: &[String]) {
-    let mut f = OpenOptions::new().create(true).append(true).open(path).unwrap();
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
     let mut buf = String::new();
     for l in lines {
         buf.push_str(l);
@@ -52,7 +56,10 @@ fn rename_rotation_while_writing() {
     let evs = agent.events();
     assert_exactly_once(&evs, &bytes(&all));
     // Events name the file and offset each line came from.
-    let first = evs.iter().find(|e| message(e) == all[0].as_bytes()).unwrap();
+    let first = evs
+        .iter()
+        .find(|e| message(e) == all[0].as_bytes())
+        .unwrap();
     assert_eq!(first["path"], log.to_str().unwrap());
     assert_eq!(first["offset"], 0);
     assert_eq!(first["source"], "app");
@@ -66,21 +73,32 @@ fn copytruncate_loses_nothing() {
     let mut agent = AgentProc::new(dir.path(), &file_source("app", &[&log], ""), "");
     agent.start();
     let mut all = Vec::new();
-    for round in 0..8u64 {
-        let lines: Vec<String> = (0..2000).map(|i| line("ct", round * 2000 + i)).collect();
+    for round in 0..6u64 {
+        let lines: Vec<String> = (0..2000).map(|i| line("ct", round * 3000 + i)).collect();
         append(&log, &lines);
         all.extend(lines);
-        if round % 2 == 1 {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        std::thread::sleep(Duration::from_millis(300));
+        // Lines written just before the rotation: the agent has likely not read them
+        // when the file is truncated; they must be taken from the copy.
+        let late: Vec<String> = (2000..2050).map(|i| line("ct", round * 3000 + i)).collect();
+        append(&log, &late);
+        all.extend(late);
         // copytruncate: copy aside, truncate in place (the writer keeps its fd).
         fs::copy(&log, dir.path().join(format!("app.log.{round}"))).unwrap();
-        OpenOptions::new().write(true).open(&log).unwrap().set_len(0).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&log)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
     }
     let tail: Vec<String> = (0..100).map(|i| line("ct-tail", i)).collect();
     append(&log, &tail);
     all.extend(tail);
-    let evs = wait_events(&agent, T, "all copytruncated lines", |e| e.len() >= all.len());
+    let evs = wait_events(&agent, T, "all copytruncated lines", |e| {
+        e.len() >= all.len()
+    });
     std::thread::sleep(Duration::from_millis(500));
     agent.stop();
     let _ = evs;
@@ -104,7 +122,9 @@ fn deleted_while_open_is_read_to_its_end() {
         writeln!(f, "{l}").unwrap();
     }
     all.extend(more);
-    let evs = wait_events(&agent, T, "lines written after unlink", |e| e.len() >= all.len());
+    let evs = wait_events(&agent, T, "lines written after unlink", |e| {
+        e.len() >= all.len()
+    });
     agent.stop();
     assert_exactly_once(&evs, &bytes(&all));
 }
@@ -131,9 +151,12 @@ fn new_files_under_a_glob_are_picked_up() {
     // Excluded and non-matching files are ignored.
     append(&logs.join("skip-me.log"), &["excluded".to_string()]);
     append(&logs.join("notes.txt"), &["not matched".to_string()]);
-    let evs = wait_events(&agent, Duration::from_secs(20), "lines of 20 new files", |e| {
-        e.len() >= all.len()
-    });
+    let evs = wait_events(
+        &agent,
+        Duration::from_secs(20),
+        "lines of 20 new files",
+        |e| e.len() >= all.len(),
+    );
     std::thread::sleep(Duration::from_millis(500));
     agent.stop();
     let _ = evs;
@@ -182,7 +205,9 @@ fn sigkill_at_random_moments_during_heavy_writing() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let all = writer.join().unwrap();
     agent.start();
-    let evs = wait_events(&agent, T, "every line after 12 SIGKILLs", |e| e.len() >= all.len());
+    let evs = wait_events(&agent, T, "every line after 12 SIGKILLs", |e| {
+        e.len() >= all.len()
+    });
     std::thread::sleep(Duration::from_millis(500));
     agent.stop();
     let _ = evs;
@@ -210,7 +235,9 @@ fn rotation_while_the_agent_is_down() {
     let mut all = first;
     all.extend(before_rotation);
     all.extend(after);
-    let evs = wait_events(&agent, T, "lines rotated while down", |e| e.len() >= all.len());
+    let evs = wait_events(&agent, T, "lines rotated while down", |e| {
+        e.len() >= all.len()
+    });
     std::thread::sleep(Duration::from_millis(300));
     agent.stop();
     let _ = evs;
@@ -227,7 +254,9 @@ fn huge_lines_binary_nul_and_crlf_roundtrip() {
         "",
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let huge: Vec<u8> = (0..5_000_000).map(|_| rng.random_range(b' '..=b'~')).collect();
+    let huge: Vec<u8> = (0..5_000_000)
+        .map(|_| rng.random_range(b' '..=b'~'))
+        .collect();
     let expected: Vec<Vec<u8>> = vec![
         huge.clone(),
         b"\xff\xfe not utf-8 \xc3\x28".to_vec(),
@@ -239,7 +268,8 @@ fn huge_lines_binary_nul_and_crlf_roundtrip() {
     ];
     let mut f = File::create(&log).unwrap();
     f.write_all(&huge).unwrap();
-    f.write_all(b"\n\xff\xfe not utf-8 \xc3\x28\nnul \0 in \0 the middle\nwindows line\r\n").unwrap();
+    f.write_all(b"\n\xff\xfe not utf-8 \xc3\x28\nnul \0 in \0 the middle\nwindows line\r\n")
+        .unwrap();
     f.write_all("中文 日誌 UTF-8\n\n".as_bytes()).unwrap();
     f.write_all(&huge[..4_999_999]).unwrap();
     f.write_all(b"\n").unwrap();
@@ -248,7 +278,10 @@ fn huge_lines_binary_nul_and_crlf_roundtrip() {
     let evs = wait_events(&agent, T, "odd lines", |e| e.len() >= expected.len());
     agent.stop();
     assert_exactly_once(&evs, &expected);
-    let bin = evs.iter().find(|e| e.get("message_base64").is_some()).unwrap();
+    let bin = evs
+        .iter()
+        .find(|e| e.get("message_base64").is_some())
+        .unwrap();
     assert_eq!(message(bin), b"\xff\xfe not utf-8 \xc3\x28");
 }
 
@@ -270,8 +303,15 @@ fn overlong_lines_are_truncated_and_marked_and_partial_lines_wait() {
     f.flush().unwrap();
     agent.start();
     let evs = wait_events(&agent, T, "3 complete lines", |e| e.len() >= 3);
-    assert_eq!(evs.len(), 3, "the partial line must wait for its newline or the timeout");
-    let t = evs.iter().find(|e| e["truncated"] == true).expect("a truncated event");
+    assert_eq!(
+        evs.len(),
+        3,
+        "the partial line must wait for its newline or the timeout"
+    );
+    let t = evs
+        .iter()
+        .find(|e| e["truncated"] == true)
+        .expect("a truncated event");
     assert_eq!(message(t), long[..1024].as_bytes());
     assert_eq!(t["offset"], 13);
     // After partial_line_timeout (1s) of idleness the last line is emitted whole.

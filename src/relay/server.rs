@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Result;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::sink::{Sink, WriteReq, WriteResult};
@@ -74,7 +74,9 @@ impl Server {
             let me = self.clone();
             let permits = permits.clone();
             let shutdown = shutdown.clone();
-            tasks.push(tokio::spawn(async move { me.accept_loop(l, permits, shutdown).await }));
+            tasks.push(tokio::spawn(async move {
+                me.accept_loop(l, permits, shutdown).await
+            }));
         }
         for t in tasks {
             let _ = t.await;
@@ -148,7 +150,10 @@ impl Server {
         let (rd, mut wr) = tokio::io::split(tls);
         let mut rd = BufReader::with_capacity(256 << 10, rd);
         let limits = Limits {
-            max_frame: (self.settings.max_batch_bytes.min(u64::from(u32::MAX) - 4096) as u32)
+            max_frame: (self
+                .settings
+                .max_batch_bytes
+                .min(u64::from(u32::MAX) - 4096) as u32)
                 .min(protocol::DEFAULT_MAX_FRAME.max(64 << 20)),
             ..Limits::default()
         };
@@ -160,7 +165,12 @@ impl Server {
         {
             Ok(Ok(Frame::Hello(h))) => h,
             Ok(Ok(other)) => {
-                return refuse(&mut wr, ErrorCode::ProtocolViolation, format!("expected Hello, got {:?}", other.frame_type())).await;
+                return refuse(
+                    &mut wr,
+                    ErrorCode::ProtocolViolation,
+                    format!("expected Hello, got {:?}", other.frame_type()),
+                )
+                .await;
             }
             Ok(Err(e)) => {
                 tracing::warn!(peer = %addr, agent = %identity, "bad Hello: {e}");
@@ -276,7 +286,12 @@ impl Server {
                 Err(_) => break Err(anyhow::anyhow!("idle for {:?}", self.settings.idle_timeout)),
                 Ok(Err(protocol::ProtocolError::Closed)) => break Ok(()),
                 Ok(Err(e)) => {
-                    let _ = otx.send(Outgoing::Frame(error(ErrorCode::ProtocolViolation, e.to_string()))).await;
+                    let _ = otx
+                        .send(Outgoing::Frame(error(
+                            ErrorCode::ProtocolViolation,
+                            e.to_string(),
+                        )))
+                        .await;
                     break Err(e.into());
                 }
                 Ok(Ok(f)) => f,
@@ -290,9 +305,17 @@ impl Server {
                         (None, _) => (identity.to_string(), h.stream.clone(), h.seq),
                         (Some(o), true) => (o.agent.clone(), o.stream.clone(), o.seq),
                         (Some(o), false) => {
-                            let msg = format!("{identity:?} is not a trusted forwarder and may not send batches of agent {:?}", o.agent);
+                            let msg = format!(
+                                "{identity:?} is not a trusted forwarder and may not send batches of agent {:?}",
+                                o.agent
+                            );
                             tracing::warn!(agent = %identity, "{msg}");
-                            let _ = otx.send(Outgoing::Frame(error(ErrorCode::BatchRejected, msg.clone()))).await;
+                            let _ = otx
+                                .send(Outgoing::Frame(error(
+                                    ErrorCode::BatchRejected,
+                                    msg.clone(),
+                                )))
+                                .await;
                             break Err(anyhow::anyhow!(msg));
                         }
                     };
@@ -307,7 +330,12 @@ impl Server {
                     if let Err(e) = verified {
                         let msg = format!("batch {}#{} rejected: {e}", h.stream, h.seq);
                         tracing::warn!(agent = %identity, "{msg}");
-                        let _ = otx.send(Outgoing::Frame(error(ErrorCode::BatchRejected, msg.clone()))).await;
+                        let _ = otx
+                            .send(Outgoing::Frame(error(
+                                ErrorCode::BatchRejected,
+                                msg.clone(),
+                            )))
+                            .await;
                         break Err(anyhow::anyhow!(msg));
                     }
                     let (tx, rx) = oneshot::channel::<WriteResult>();
@@ -335,7 +363,15 @@ impl Server {
                         };
                         let _ = dtx.send(r);
                     });
-                    if otx.send(Outgoing::Ack { stream: hop_stream, seq: hop_seq, done: drx }).await.is_err() {
+                    if otx
+                        .send(Outgoing::Ack {
+                            stream: hop_stream,
+                            seq: hop_seq,
+                            done: drx,
+                        })
+                        .await
+                        .is_err()
+                    {
                         break Ok(());
                     }
                     let mut p = lock(&self.peers);
@@ -352,7 +388,12 @@ impl Server {
                 Frame::Pong(_) => {}
                 other => {
                     let msg = format!("unexpected {:?} frame", other.frame_type());
-                    let _ = otx.send(Outgoing::Frame(error(ErrorCode::ProtocolViolation, msg.clone()))).await;
+                    let _ = otx
+                        .send(Outgoing::Frame(error(
+                            ErrorCode::ProtocolViolation,
+                            msg.clone(),
+                        )))
+                        .await;
                     break Err(anyhow::anyhow!(msg));
                 }
             }

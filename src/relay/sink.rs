@@ -174,7 +174,9 @@ fn spool_writer(mut rx: mpsc::Receiver<WriteReq>, spool: Spool, stop: Arc<Atomic
     while let Some(group) = gather(&mut rx) {
         while spool.is_full() && !stop.load(Ordering::Relaxed) {
             if !full_logged {
-                tracing::warn!("forwarding spool is full: downstream batches wait until upstream acknowledges");
+                tracing::warn!(
+                    "forwarding spool is full: downstream batches wait until upstream acknowledges"
+                );
                 full_logged = true;
             }
             std::thread::sleep(Duration::from_millis(100));

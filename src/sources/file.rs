@@ -22,7 +22,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc};
+use std::sync::{Arc, mpsc as std_mpsc};
 use std::time::{Duration, Instant};
 
 use notify::Watcher;
@@ -30,10 +30,10 @@ use sha2::Digest;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::checkpoint::FilePos;
 use super::SealedBatch;
+use super::checkpoint::FilePos;
 use crate::config::{FileSourceConfig, StartAt};
-use crate::event::{encode_file_line, FilePrefix};
+use crate::event::{FilePrefix, encode_file_line};
 use crate::util::{day_of, now_rfc3339};
 
 /// Fingerprint covers up to this many leading bytes.
@@ -184,7 +184,10 @@ impl FileSource {
                 cursor: HashMap::new(),
             },
             buf: vec![0; READ_CHUNK],
-            known: checkpoint.into_iter().map(|p| ((p.dev, p.ino), p)).collect(),
+            known: checkpoint
+                .into_iter()
+                .map(|p| ((p.dev, p.ino), p))
+                .collect(),
             first_scan: true,
         }
     }
@@ -192,10 +195,14 @@ impl FileSource {
     /// Run until `stop` is cancelled; then seal what is buffered and return.
     pub fn run(mut self) {
         let (wake_tx, wake_rx) = std_mpsc::channel::<()>();
-        let _watcher = self.watch(wake_tx);
+        let (early_tx, early_rx) = std_mpsc::channel::<(PathBuf, File)>();
+        let _watcher = self.watch(wake_tx, early_tx);
         self.rescan();
         let mut last_scan = Instant::now();
         while !self.stop.is_cancelled() {
+            while let Ok((path, file)) = early_rx.try_recv() {
+                self.adopt(path, file);
+            }
             let progressed = self.read_all();
             if self.stop.is_cancelled() {
                 break;
@@ -228,10 +235,46 @@ impl FileSource {
     }
 
     /// inotify on the directories the globs live in; events only wake the loop.
-    fn watch(&self, wake: std_mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
-        let mut watcher = match notify::recommended_watcher(move |_res| {
-            let _ = wake.send(());
-        }) {
+    fn watch(
+        &self,
+        wake: std_mpsc::Sender<()>,
+        early: std_mpsc::Sender<(PathBuf, File)>,
+    ) -> Option<notify::RecommendedWatcher> {
+        let include: Vec<glob::Pattern> = self
+            .cfg
+            .include
+            .iter()
+            .filter_map(|p| glob::Pattern::new(p).ok())
+            .collect();
+        let exclude = self.cfg.exclude.clone();
+        let mut watcher = match notify::recommended_watcher(
+            move |res: notify::Result<notify::Event>| {
+                // Open a newly created (or renamed-into-place) matching file right away: under
+                // fast rotation it may be renamed away again before the next rescan, and an
+                // open descriptor keeps it readable whatever its name becomes.
+                if let Ok(ev) = res {
+                    let creates = matches!(
+                        ev.kind,
+                        notify::EventKind::Create(_)
+                            | notify::EventKind::Modify(notify::event::ModifyKind::Name(_))
+                    );
+                    if creates {
+                        for p in ev.paths {
+                            if include.iter().any(|g| g.matches_path(&p))
+                                && !is_excluded(&p, &exclude)
+                            {
+                                if let Ok(f) = File::open(&p) {
+                                    if f.metadata().is_ok_and(|m| m.is_file()) {
+                                        let _ = early.send((p, f));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                let _ = wake.send(());
+            },
+        ) {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(source = %self.name, "inotify unavailable ({e}); falling back to rescans every {:?}", self.cfg.rescan_interval);
@@ -301,6 +344,18 @@ impl FileSource {
             .store(self.files.len() as u64, Ordering::Relaxed);
     }
 
+    /// A file opened by the watcher as soon as it appeared.
+    fn adopt(&mut self, path: PathBuf, file: File) {
+        let Ok(meta) = file.metadata() else {
+            return;
+        };
+        let key = (meta.dev(), meta.ino());
+        if self.files.contains_key(&key) {
+            return;
+        }
+        self.open_with(&path, key, meta.len(), file);
+    }
+
     fn open_new(&mut self, path: &Path, key: Key, len: u64) {
         let file = match File::open(path) {
             Ok(f) => f,
@@ -310,6 +365,10 @@ impl FileSource {
                 return;
             }
         };
+        self.open_with(path, key, len, file);
+    }
+
+    fn open_with(&mut self, path: &Path, key: Key, len: u64, file: File) {
         let (fp_len, fp) = fingerprint(&file, len);
         let path_str = path.to_string_lossy().into_owned();
         let mut offset = if self.first_scan && self.cfg.start_at == StartAt::End {
@@ -464,7 +523,10 @@ impl FileSource {
         if t.fp_len == 0 || t.offset == 0 {
             return;
         }
-        let dir = Path::new(&t.path).parent().unwrap_or(Path::new("/")).to_path_buf();
+        let dir = Path::new(&t.path)
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .to_path_buf();
         let (offset, fp_len, fp, path) = (t.offset, t.fp_len, t.fp, t.path.clone());
         for (k, p, len) in list_files(&dir) {
             if k == key || self.files.contains_key(&k) || len < offset {
@@ -556,7 +618,15 @@ impl FileSource {
                 return;
             };
             let prefix = FilePrefix::new(&ts, &self.host, &self.name, &t.path);
-            let c = split_lines(t, &mut self.batch, &prefix, data, pos, max, self.limits.max_bytes);
+            let c = split_lines(
+                t,
+                &mut self.batch,
+                &prefix,
+                data,
+                pos,
+                max,
+                self.limits.max_bytes,
+            );
             if c.lines > 0 {
                 if self.batch.started.is_none() {
                     self.batch.started = Some(Instant::now());
@@ -565,7 +635,9 @@ impl FileSource {
             }
             self.stats.lines.fetch_add(c.lines, Ordering::Relaxed);
             self.stats.bytes.fetch_add(c.bytes, Ordering::Relaxed);
-            self.stats.truncated.fetch_add(c.truncated, Ordering::Relaxed);
+            self.stats
+                .truncated
+                .fetch_add(c.truncated, Ordering::Relaxed);
             match c.stopped_at {
                 Some(p) => {
                     pos = p;
@@ -590,7 +662,10 @@ impl FileSource {
             }
             let idle = now.duration_since(t.last_data);
             let has_partial = !t.partial.is_empty() || t.overflow;
-            if has_partial && (idle >= self.cfg.partial_line_timeout || (!t.at_path && idle >= self.cfg.rotate_wait)) {
+            if has_partial
+                && (idle >= self.cfg.partial_line_timeout
+                    || (!t.at_path && idle >= self.cfg.rotate_wait))
+            {
                 self.flush_partial(key);
             }
             let Some(t) = self.files.get(&key) else {
@@ -756,7 +831,14 @@ fn watch_root(pattern: &str) -> (PathBuf, bool) {
     for (i, c) in comps.iter().enumerate() {
         if c.contains(['*', '?', '[']) {
             recursive = comps[i..].len() > 1;
-            return (if root.as_os_str().is_empty() { "/".into() } else { root }, recursive);
+            return (
+                if root.as_os_str().is_empty() {
+                    "/".into()
+                } else {
+                    root
+                },
+                recursive,
+            );
         }
         if i + 1 == comps.len() {
             break; // the file name itself: watch its directory
@@ -829,7 +911,10 @@ mod tests {
     #[test]
     fn watch_roots() {
         assert_eq!(watch_root("/var/log/syslog"), ("/var/log".into(), false));
-        assert_eq!(watch_root("/var/log/nginx/*.log"), ("/var/log/nginx".into(), false));
+        assert_eq!(
+            watch_root("/var/log/nginx/*.log"),
+            ("/var/log/nginx".into(), false)
+        );
         assert_eq!(watch_root("/var/log/*/x.log"), ("/var/log".into(), true));
     }
 

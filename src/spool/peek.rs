@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use super::format::{self, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
-use super::{Record, LEDGER_FILE};
+use super::{LEDGER_FILE, Record};
 
 /// The acknowledged position recorded in the ledger (0 if none or unreadable).
 pub fn acked(dir: &Path) -> u64 {
@@ -19,7 +19,13 @@ pub fn acked(dir: &Path) -> u64 {
 
 /// Every valid record with `seq >= from`, in order.
 pub fn records(dir: &Path, from: u64) -> std::io::Result<Vec<Record>> {
-    let mut segs: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir)?
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        // Not created yet: nothing spooled.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut segs: Vec<(u64, std::path::PathBuf)> = rd
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;

@@ -71,12 +71,19 @@ impl AgentProc {
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 if let Some(status) = c.try_wait().unwrap() {
-                    assert!(status.success(), "agent exited with {status}; log:\n{}", self.log());
+                    assert!(
+                        status.success(),
+                        "agent exited with {status}; log:\n{}",
+                        self.log()
+                    );
                     return;
                 }
                 if Instant::now() > deadline {
                     c.kill().unwrap();
-                    panic!("agent did not stop within 20s after SIGTERM; log:\n{}", self.log());
+                    panic!(
+                        "agent did not stop within 20s after SIGTERM; log:\n{}",
+                        self.log()
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
