@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use soclink::sources::file::BatchLimits;
-use soclink::sources::syslog::SyslogLimits;
+use soclink::sources::syslog::{SyslogLimits, tls_server_config};
 use syslog_common::{Opts, by_id, start};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -368,7 +368,7 @@ async fn backpressure_tcp_waits_udp_counts_drops() {
 async fn tls_with_client_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let certs = soclink::certs::write_dev_certs(dir.path(), "device-1").unwrap();
-    let server = soclink::tls::server_config(&certs.ca, &certs.relay, &certs.relay_key).unwrap();
+    let server = tls_server_config(&certs.relay, &certs.relay_key, Some(&certs.ca)).unwrap();
     let client = soclink::tls::client_config(&certs.ca, &certs.agent, &certs.agent_key).unwrap();
     let opts = Opts {
         tls: Some(server),
@@ -430,4 +430,47 @@ async fn tls_with_client_certificate() {
         rest.is_empty(),
         "nothing from an unauthenticated client: {rest:?}"
     );
+}
+
+/// Without `tls_ca`, any sender may connect, over TLS 1.2 too (RFC 5425 devices).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls12_without_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = soclink::certs::write_dev_certs(dir.path(), "device-1").unwrap();
+    let server = tls_server_config(&certs.relay, &certs.relay_key, None).unwrap();
+    let mut r = start(Opts {
+        tls: Some(server),
+        ..Opts::default()
+    })
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in soclink::tls::load_certs(&certs.ca).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(r.tls.unwrap())
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = connector.connect(name, tcp).await.unwrap();
+    assert_eq!(
+        s.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    // LF framing works over TLS as well.
+    s.write_all(b"<13>Nov 26 01:02:03 sw1 app: id=t12a\n<13>Nov 26 01:02:03 sw1 app: id=t12b\n")
+        .await
+        .unwrap();
+    s.shutdown().await.unwrap();
+    let events = r.events(2, T).await;
+    let got = by_id(&events);
+    assert_eq!(got["id=t12a"]["hostname"], "sw1");
+    assert_eq!(got["id=t12b"]["message"], "id=t12b");
+    assert!(r.shutdown().await.is_empty());
 }

@@ -95,7 +95,13 @@ async fn rsyslog_forwards_over_tcp_and_tls() {
     let dir = tempfile::tempdir().unwrap();
     let certs =
         soclink::certs::write_dev_certs(&dir.path().join("certs"), "rsyslog-sender").unwrap();
-    let server = soclink::tls::server_config(&certs.ca, &certs.relay, &certs.relay_key).unwrap();
+    // `tls_ca` set: rsyslog must present its client certificate.
+    let server = soclink::sources::syslog::tls_server_config(
+        &certs.relay,
+        &certs.relay_key,
+        Some(&certs.ca),
+    )
+    .unwrap();
     let mut r = start(Opts {
         tls: Some(server),
         ..Opts::default()

@@ -38,6 +38,8 @@ pub mod listener;
 pub mod parse;
 
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 pub use framing::{FrameError, Framer, Framing};
@@ -45,6 +47,7 @@ pub use listener::{SyslogLimits, SyslogListen, SyslogSource};
 pub use parse::{Format, Parsed, facility_name, parse, severity_name};
 
 use crate::event::{push_json_str, push_message};
+use crate::tls::{TlsError, load_certs, load_key};
 
 /// Counters shown by `soclink status`; all only grow except `active_connections`.
 #[derive(Debug, Default)]
@@ -103,6 +106,51 @@ pub fn parse_listen(url: &str) -> Result<ListenAddr, String> {
         )
     })?;
     Ok(ListenAddr { proto, addr })
+}
+
+/// The server configuration of a `tls://` listener (RFC 5425) from PEM files.
+///
+/// Unlike the relay's (`crate::tls`), a syslog listener serves network devices, so:
+/// TLS 1.2 is accepted (RFC 5425 requires it and many devices have nothing newer), and
+/// client certificates are required only when `ca` is given (`tls_ca`), in which case
+/// every sender must present one that chains to it.
+pub fn tls_server_config(
+    cert: &Path,
+    key: &Path,
+    ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(rustls::ALL_VERSIONS)
+        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let builder = match ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for (index, c) in load_certs(ca)?.into_iter().enumerate() {
+                roots.add(c).map_err(|e| TlsError::BadCa {
+                    path: ca.to_owned(),
+                    index: index + 1,
+                    reason: e.to_string(),
+                })?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| TlsError::CertKey {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })?;
+    Ok(Arc::new(config))
 }
 
 /// Append one syslog event (and its newline) to `out`. `ts` is the receive time.
