@@ -11,6 +11,8 @@
 //! - [`parse`]: the lenient parser (borrows from the input, never fails, never panics).
 //! - [`framing`]: the TCP stream decoder (octet counting or LF, bounded memory).
 //! - [`listener`]: sockets, connection limits, idle timeouts, backpressure, batching.
+//! - here: [`parse_listen`] for `listen` URLs, [`tls_server_config`] for `tls://`
+//!   listeners, [`encode_syslog_event`], and the counters ([`SyslogStats`]).
 //!
 //! Invariants: every message received is either in a batch or counted as dropped
 //! (only UDP can drop: when the pipeline is full, a datagram has nowhere to wait);
@@ -227,6 +229,20 @@ mod tests {
         assert!(parse_listen("tcp://localhost:514").is_err());
         assert!(parse_listen("tcp://0.0.0.0").is_err());
         assert!(parse_listen("tcp://::1:514").is_err());
+    }
+
+    #[test]
+    fn tls_config_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("cert.pem");
+        let err = tls_server_config(&cert, &cert, None).unwrap_err();
+        assert!(
+            matches!(&err, TlsError::Read { path, .. } if *path == cert),
+            "{err}"
+        );
+        std::fs::write(&cert, "not pem").unwrap();
+        let err = tls_server_config(&cert, &cert, None).unwrap_err();
+        assert!(matches!(err, TlsError::NoCertificates { .. }), "{err}");
     }
 
     #[test]
