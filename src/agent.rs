@@ -26,11 +26,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::BatchMeta;
-use crate::config::{AgentConfig, SourceKind};
+use crate::config::{AgentConfig, SourceKind, SyslogSourceConfig};
 use crate::ship::Shipper;
 use crate::sources::SealedBatch;
 use crate::sources::checkpoint::{Checkpoints, FilePos};
 use crate::sources::file::{BatchLimits, FileSource, SourceStats};
+use crate::sources::journald::JournaldSource;
+use crate::sources::syslog::{self, SyslogLimits, SyslogListen, SyslogSource};
 use crate::spool::{Spool, SpoolOptions};
 use crate::tls::ReloadableClientConfig;
 
@@ -170,35 +172,69 @@ impl Agent {
         let stop_sources = CancellationToken::new();
         let mut threads = Vec::new();
         let mut stats = AgentStats::default();
+        let mut tasks = Vec::new();
+        let limits = BatchLimits {
+            max_bytes: cfg.spool.batch_max_bytes,
+            max_delay: cfg.spool.batch_max_delay,
+        };
         for s in &cfg.sources {
-            let SourceKind::File(fcfg) = &s.kind;
-            let positions: Vec<FilePos> = checkpoints
-                .sources
-                .get(&s.name)
-                .map(|m| m.values().cloned().collect())
-                .unwrap_or_default();
-            let st = Arc::new(SourceStats::default());
-            stats.sources.push((s.name.clone(), st.clone()));
-            let src = FileSource::new(
-                s.name.clone(),
-                cfg.host.clone(),
-                fcfg.clone(),
-                BatchLimits {
-                    max_bytes: cfg.spool.batch_max_bytes,
-                    max_delay: cfg.spool.batch_max_delay,
-                },
-                positions,
-                tx.clone(),
-                stop_sources.clone(),
-                st,
-            );
             let name = s.name.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("source-{name}"))
-                    .spawn(move || src.run())
-                    .context("cannot start a source thread")?,
-            );
+            match &s.kind {
+                SourceKind::File(fcfg) => {
+                    let positions: Vec<FilePos> = checkpoints
+                        .sources
+                        .get(&s.name)
+                        .map(|m| m.values().cloned().collect())
+                        .unwrap_or_default();
+                    let st = Arc::new(SourceStats::default());
+                    stats.sources.push((s.name.clone(), st.clone()));
+                    let src = FileSource::new(
+                        s.name.clone(),
+                        cfg.host.clone(),
+                        fcfg.clone(),
+                        limits,
+                        positions,
+                        tx.clone(),
+                        stop_sources.clone(),
+                        st,
+                    );
+                    threads.push(
+                        std::thread::Builder::new()
+                            .name(format!("file-{name}"))
+                            .spawn(move || src.run())
+                            .context("cannot start a source thread")?,
+                    );
+                }
+                SourceKind::Journald(jcfg) => {
+                    let cursor = checkpoints
+                        .cursors
+                        .get(&s.name)
+                        .and_then(|c| c.as_str())
+                        .map(str::to_string);
+                    let src = JournaldSource::new(
+                        s.name.clone(),
+                        cfg.host.clone(),
+                        jcfg.clone(),
+                        limits,
+                        cursor,
+                        tx.clone(),
+                        stop_sources.clone(),
+                        Arc::default(),
+                    );
+                    threads.push(
+                        std::thread::Builder::new()
+                            .name(format!("journal-{name}"))
+                            .spawn(move || src.run())
+                            .context("cannot start a source thread")?,
+                    );
+                }
+                SourceKind::Syslog(scfg) => {
+                    let src = syslog_source(&s.name, &cfg.host, scfg, limits, tx.clone())
+                        .await
+                        .with_context(|| format!("source {:?}", s.name))?;
+                    tasks.push(tokio::spawn(src.run(stop_sources.clone())));
+                }
+            }
         }
         drop(tx);
         let (htx, hrx) = mpsc::channel::<JoinHandle<Compressed>>(cpus + 1);
@@ -237,6 +273,9 @@ impl Agent {
             }
         })
         .await?;
+        for t in tasks {
+            let _ = t.await;
+        }
         compressor.await?;
         writer.await??;
         // Give the link a moment to get the last batches acknowledged; anything still
@@ -391,4 +430,46 @@ fn spawn_reload_on_hup(tls: Arc<ReloadableClientConfig>, shutdown: CancellationT
             }
         }
     });
+}
+
+/// Bind a syslog source's listeners (so a port in use fails the start, clearly).
+async fn syslog_source(
+    name: &str,
+    host: &str,
+    c: &SyslogSourceConfig,
+    batch: BatchLimits,
+    out: mpsc::Sender<SealedBatch>,
+) -> Result<SyslogSource> {
+    let mut listeners = Vec::new();
+    for l in &c.listen {
+        let addr = syslog::parse_listen(l).map_err(anyhow::Error::msg)?;
+        let tls = match (addr.proto, &c.tls_cert, &c.tls_key) {
+            (syslog::Proto::Tls, Some(cert), Some(key)) => Some(
+                syslog::tls_server_config(cert, key, c.tls_ca.as_deref())
+                    .context("cannot load the syslog TLS certificate")?,
+            ),
+            _ => None,
+        };
+        let bound = SyslogListen::bind(&addr, tls)
+            .await
+            .with_context(|| format!("cannot listen on {l}"))?;
+        if let Ok(a) = bound.local_addr() {
+            tracing::info!(source = name, "syslog listening on {l} ({a})");
+        }
+        listeners.push(bound);
+    }
+    Ok(SyslogSource {
+        name: name.to_string(),
+        host: host.to_string(),
+        listeners,
+        limits: SyslogLimits {
+            max_message_bytes: c.max_message_bytes as usize,
+            max_connections: c.max_connections,
+            idle_timeout: c.idle_timeout,
+            ..SyslogLimits::default()
+        },
+        batch,
+        out,
+        stats: Arc::default(),
+    })
 }

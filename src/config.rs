@@ -115,6 +115,33 @@ pub struct SourceConfig {
 #[derive(Debug, Clone)]
 pub enum SourceKind {
     File(FileSourceConfig),
+    Syslog(SyslogSourceConfig),
+    Journald(JournaldSourceConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct SyslogSourceConfig {
+    /// `udp://host:port`, `tcp://host:port`, `tls://host:port`.
+    pub listen: Vec<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// When set, TLS senders must present a certificate signed by this CA.
+    pub tls_ca: Option<PathBuf>,
+    pub max_message_bytes: u64,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct JournaldSourceConfig {
+    /// A directory of journal files; None: the local system journal.
+    pub directory: Option<PathBuf>,
+    /// Only entries of these units (`_SYSTEMD_UNIT`); empty: all.
+    pub units: Vec<String>,
+    /// Only entries with `PRIORITY` <= this (0 emerg .. 7 debug).
+    pub max_priority: Option<u8>,
+    /// Where to begin when there is no saved cursor: "beginning" or "end".
+    pub start_at: StartAt,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -186,6 +213,69 @@ struct RawSource {
     partial_line_timeout: Option<HumanDuration>,
     rescan_interval: Option<Spanned<HumanDuration>>,
     rotate_wait: Option<HumanDuration>,
+    // syslog
+    listen: Option<Vec<Spanned<String>>>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    max_message_bytes: Option<Spanned<Size>>,
+    max_connections: Option<Spanned<i64>>,
+    idle_timeout: Option<HumanDuration>,
+    // journald
+    directory: Option<PathBuf>,
+    units: Option<Vec<String>>,
+    max_priority: Option<Spanned<i64>>,
+}
+
+/// Keys each source type accepts besides `name` and `type`.
+const FILE_KEYS: &[&str] = &[
+    "include",
+    "exclude",
+    "start_at",
+    "max_line_bytes",
+    "partial_line_timeout",
+    "rescan_interval",
+    "rotate_wait",
+];
+const SYSLOG_KEYS: &[&str] = &[
+    "listen",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+    "max_message_bytes",
+    "max_connections",
+    "idle_timeout",
+];
+const JOURNALD_KEYS: &[&str] = &["directory", "units", "max_priority", "start_at"];
+
+impl RawSource {
+    /// Keys that are set, for "not valid for this type" errors.
+    fn set_keys(&self) -> Vec<&'static str> {
+        let mut k = Vec::new();
+        let mut push = |set: bool, name: &'static str| {
+            if set {
+                k.push(name)
+            }
+        };
+        push(self.include.is_some(), "include");
+        push(self.exclude.is_some(), "exclude");
+        push(self.start_at.is_some(), "start_at");
+        push(self.max_line_bytes.is_some(), "max_line_bytes");
+        push(self.partial_line_timeout.is_some(), "partial_line_timeout");
+        push(self.rescan_interval.is_some(), "rescan_interval");
+        push(self.rotate_wait.is_some(), "rotate_wait");
+        push(self.listen.is_some(), "listen");
+        push(self.tls_cert.is_some(), "tls_cert");
+        push(self.tls_key.is_some(), "tls_key");
+        push(self.tls_ca.is_some(), "tls_ca");
+        push(self.max_message_bytes.is_some(), "max_message_bytes");
+        push(self.max_connections.is_some(), "max_connections");
+        push(self.idle_timeout.is_some(), "idle_timeout");
+        push(self.directory.is_some(), "directory");
+        push(self.units.is_some(), "units");
+        push(self.max_priority.is_some(), "max_priority");
+        k
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -270,19 +360,58 @@ pub fn parse_agent(text: &str) -> Result<AgentConfig, Vec<Problem>> {
                 format!("duplicate source name {:?}", s.name.get_ref()),
             );
         }
-        match s.kind.get_ref().as_str() {
-            "file" => {
-                if let Some(f) = file_source(&s, span, &mut p) {
-                    sources.push(SourceConfig {
-                        name: s.name.into_inner(),
-                        kind: SourceKind::File(f),
-                    });
-                }
+        if crate::relay::store::RESERVED_SOURCE_NAMES.contains(&s.name.get_ref().as_str()) {
+            p.at(
+                s.name.span(),
+                format!(
+                    "source name {:?} is reserved (the relay keeps incidents and intel under these names)",
+                    s.name.get_ref()
+                ),
+            );
+        }
+        let allowed = match s.kind.get_ref().as_str() {
+            "file" => FILE_KEYS,
+            "syslog" => SYSLOG_KEYS,
+            "journald" => JOURNALD_KEYS,
+            other => {
+                p.at(
+                    s.kind.span(),
+                    format!("unknown source type {other:?}: supported types are \"file\", \"syslog\" and \"journald\""),
+                );
+                continue;
             }
-            other => p.at(
-                s.kind.span(),
-                format!("unknown source type {other:?}: supported types are \"file\""),
-            ),
+        };
+        let wrong: Vec<&str> = s
+            .set_keys()
+            .into_iter()
+            .filter(|k| !allowed.contains(k))
+            .collect();
+        if !wrong.is_empty() {
+            p.at(
+                span.clone(),
+                format!(
+                    "source {:?} of type {:?} does not take {}",
+                    s.name.get_ref(),
+                    s.kind.get_ref(),
+                    wrong
+                        .iter()
+                        .map(|k| format!("`{k}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            continue;
+        }
+        let kind = match s.kind.get_ref().as_str() {
+            "file" => file_source(&s, span, &mut p).map(SourceKind::File),
+            "syslog" => syslog_source(&s, span, &mut p).map(SourceKind::Syslog),
+            _ => journald_source(&s, &mut p).map(SourceKind::Journald),
+        };
+        if let Some(kind) = kind {
+            sources.push(SourceConfig {
+                name: s.name.into_inner(),
+                kind,
+            });
         }
     }
     let spool = spool_settings(raw.spool, &mut p);
@@ -374,6 +503,93 @@ fn file_source(
             .map_or(Duration::from_secs(5), |d| d.0),
         rescan_interval,
         rotate_wait: s.rotate_wait.map_or(Duration::from_secs(5), |d| d.0),
+    })
+}
+
+fn syslog_source(
+    s: &RawSource,
+    span: std::ops::Range<usize>,
+    p: &mut Problems,
+) -> Option<SyslogSourceConfig> {
+    let mut ok = true;
+    let Some(listen) = s.listen.as_ref().filter(|l| !l.is_empty()) else {
+        p.at(
+            span,
+            format!(
+                "source {:?}: a syslog source needs `listen`, e.g. [\"udp://0.0.0.0:514\", \"tcp://0.0.0.0:514\"]",
+                s.name.get_ref()
+            ),
+        );
+        return None;
+    };
+    let mut needs_tls = false;
+    for l in listen {
+        match crate::sources::syslog::parse_listen(l.get_ref()) {
+            Ok(a) => needs_tls |= a.proto == crate::sources::syslog::Proto::Tls,
+            Err(e) => {
+                p.at(l.span(), e);
+                ok = false;
+            }
+        }
+    }
+    if needs_tls && (s.tls_cert.is_none() || s.tls_key.is_none()) {
+        p.at(
+            span.clone(),
+            format!(
+                "source {:?}: a tls:// listener needs `tls_cert` and `tls_key`",
+                s.name.get_ref()
+            ),
+        );
+        ok = false;
+    }
+    let max_message_bytes = s
+        .max_message_bytes
+        .as_ref()
+        .map_or(64 << 10, |m| m.get_ref().0);
+    if let Some(m) = &s.max_message_bytes {
+        if !(480..=(16 << 20)).contains(&max_message_bytes) {
+            p.at(m.span(), "max_message_bytes must be between 480B and 16MiB");
+            ok = false;
+        }
+    }
+    let max_connections = match &s.max_connections {
+        Some(m) => match usize::try_from(*m.get_ref()) {
+            Ok(n) if n > 0 => n,
+            _ => {
+                p.at(m.span(), "max_connections must be a positive number");
+                ok = false;
+                1
+            }
+        },
+        None => 1024,
+    };
+    ok.then(|| SyslogSourceConfig {
+        listen: listen.iter().map(|l| l.get_ref().clone()).collect(),
+        tls_cert: s.tls_cert.clone(),
+        tls_key: s.tls_key.clone(),
+        tls_ca: s.tls_ca.clone(),
+        max_message_bytes,
+        max_connections,
+        idle_timeout: s.idle_timeout.map_or(Duration::from_secs(600), |d| d.0),
+    })
+}
+
+fn journald_source(s: &RawSource, p: &mut Problems) -> Option<JournaldSourceConfig> {
+    let max_priority = match &s.max_priority {
+        Some(m) => match u8::try_from(*m.get_ref()) {
+            Ok(v) if v <= 7 => Some(v),
+            _ => {
+                p.at(m.span(), "max_priority must be 0 (emerg) to 7 (debug)");
+                return None;
+            }
+        },
+        None => None,
+    };
+    Some(JournaldSourceConfig {
+        directory: s.directory.clone(),
+        units: s.units.clone().unwrap_or_default(),
+        max_priority,
+        start_at: s.start_at.unwrap_or(StartAt::Beginning),
     })
 }
 
@@ -535,6 +751,31 @@ impl AgentConfig {
                         Size(f.max_line_bytes)
                     ));
                 }
+                SourceKind::Syslog(c) => out.push_str(&format!(
+                    "{} {:?} receives syslog on {} (messages up to {}, at most {} connections)",
+                    if i == 0 { "" } else { ";" },
+                    s.name,
+                    c.listen.join(", "),
+                    Size(c.max_message_bytes),
+                    c.max_connections
+                )),
+                SourceKind::Journald(c) => out.push_str(&format!(
+                    "{} {:?} reads the systemd journal{}{}{}",
+                    if i == 0 { "" } else { ";" },
+                    s.name,
+                    c.directory
+                        .as_ref()
+                        .map(|d| format!(" in {}", d.display()))
+                        .unwrap_or_else(|| " of this system".into()),
+                    if c.units.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" for units {}", c.units.join(", "))
+                    },
+                    c.max_priority
+                        .map(|p| format!(" up to priority {p}"))
+                        .unwrap_or_default()
+                )),
             }
         }
         out.push_str(&format!(

@@ -52,7 +52,11 @@ impl FilePos {
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Checkpoints {
     pub spool_seq: u64,
+    /// File sources: position of every tracked file, by `dev:ino`.
     pub sources: BTreeMap<String, BTreeMap<String, FilePos>>,
+    /// Other sources with a single resume token (the journal's cursor).
+    #[serde(default)]
+    pub cursors: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,8 +119,13 @@ impl Checkpoints {
         write_atomic(path, &self.encode())
     }
 
-    /// Apply the cursor a file source attached to a batch.
+    /// Apply the cursor a source attached to a batch: a list of file positions (file
+    /// sources), or any other value, kept whole (e.g. the journal cursor string).
     pub fn apply(&mut self, source: &str, cursor: &serde_json::Value) {
+        if !cursor.is_array() {
+            self.cursors.insert(source.to_string(), cursor.clone());
+            return;
+        }
         let Ok(positions) = serde_json::from_value::<Vec<FilePos>>(cursor.clone()) else {
             tracing::warn!(source, "ignoring an unreadable cursor in a spooled batch");
             return;

@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod file;
+pub mod journald;
 pub mod syslog;
 
 /// A batch of encoded events ready to be compressed and spooled.
