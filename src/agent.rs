@@ -264,7 +264,25 @@ impl Agent {
             cfg.sources.len(),
             cfg.state_dir.display()
         );
-        shutdown.cancelled().await;
+        let mut writer = writer;
+        let failed = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            r = &mut writer => Some(r),
+        };
+        if let Some(r) = failed {
+            // The pipeline cannot continue (e.g. the spool's disk failed): stop everything
+            // so the service manager restarts us and recovery runs. Positions never moved
+            // past what is durable, so nothing is lost.
+            stop_sources.cancel();
+            ship_stop.cancel();
+            let err = match r {
+                Ok(Ok(())) => anyhow::anyhow!("the spool writer stopped unexpectedly"),
+                Ok(Err(e)) => e,
+                Err(e) => e.into(),
+            };
+            tracing::error!("pipeline failed: {err:#}");
+            return Err(err.context("the agent's pipeline failed"));
+        }
         tracing::info!("stopping: sealing and spooling what the sources hold");
         stop_sources.cancel();
         tokio::task::spawn_blocking(move || {
@@ -337,49 +355,65 @@ async fn write_stage(
                 Err(_) => break,
             }
         }
-        // A full spool pauses everything upstream of here: the channel fills and the
-        // source threads block. Nothing is lost: their files are their buffer.
-        while spool.is_full() {
-            if !full_logged {
-                tracing::warn!(
-                    "spool is full ({} bytes): sources are paused until the upstream acknowledges batches",
-                    spool.stats().bytes
-                );
-                full_logged = true;
-            }
-            tokio::select! {
-                r = acked.changed() => { if r.is_err() { break; } }
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = shutdown.cancelled() => {
-                    // Unspooled batches are dropped: their positions never advanced, so
-                    // the sources read those lines again after the restart.
+        while !group.is_empty() {
+            // A full spool pauses everything upstream of here: the channel fills and
+            // the source threads block. Nothing is lost: their files are their buffer.
+            while spool.is_full() {
+                // Acknowledged segments are deleted only once the checkpoint file covers
+                // them: write it now, or a full spool would wait for itself.
+                if dirty {
                     store_checkpoints(&spool, &checkpoints, &ck_path).await?;
-                    return Ok(());
+                    last_store = Instant::now();
+                    dirty = false;
+                }
+                if !full_logged {
+                    tracing::warn!(
+                        "spool is full ({} bytes): sources are paused until the upstream acknowledges batches",
+                        spool.stats().bytes
+                    );
+                    full_logged = true;
+                }
+                tokio::select! {
+                    r = acked.changed() => { if r.is_err() { break; } }
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.cancelled() => {
+                        // Unspooled batches are dropped: their positions never advanced,
+                        // so the sources read those lines again after the restart.
+                        store_checkpoints(&spool, &checkpoints, &ck_path).await?;
+                        return Ok(());
+                    }
                 }
             }
-        }
-        if full_logged {
-            tracing::info!("spool has room again: sources resume");
-            full_logged = false;
-        }
-        let sp = spool.clone();
-        let group = tokio::task::spawn_blocking(move || -> Result<Vec<(u64, BatchMeta)>> {
-            let mut done = Vec::with_capacity(group.len());
-            for c in group {
-                let meta = serde_json::to_vec(&c.meta)?;
-                let seq = sp.append(&meta, &c.gzip)?;
-                done.push((seq, c.meta));
+            if full_logged {
+                tracing::info!("spool has room again: sources resume");
+                full_logged = false;
             }
-            sp.commit()?;
-            Ok(done)
-        })
-        .await??;
-        for (seq, meta) in group {
-            if let Some(cursor) = &meta.cursor {
-                checkpoints.apply(&meta.source, cursor);
-            }
-            checkpoints.spool_seq = seq;
-            dirty = true;
+            let sp = spool.clone();
+            let (appended, rest) = tokio::task::spawn_blocking(
+                move || -> Result<(Vec<(u64, BatchMeta)>, Vec<Compressed>)> {
+                    let mut appended = Vec::with_capacity(group.len());
+                    let mut items = group.into_iter();
+                    for c in items.by_ref() {
+                        let meta = serde_json::to_vec(&c.meta)?;
+                        match sp.append(&meta, &c.gzip) {
+                            Ok(seq) => appended.push((seq, c.meta)),
+                            Err(crate::spool::SpoolError::Full { .. }) => {
+                                let mut rest = vec![c];
+                                rest.extend(items);
+                                sp.commit()?;
+                                return Ok((appended, rest));
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    sp.commit()?;
+                    Ok((appended, Vec::new()))
+                },
+            )
+            .await??;
+            dirty |= !appended.is_empty();
+            apply_done(&mut checkpoints, appended);
+            group = rest;
         }
         if dirty && last_store.elapsed() >= CHECKPOINT_EVERY {
             store_checkpoints(&spool, &checkpoints, &ck_path).await?;
@@ -389,6 +423,15 @@ async fn write_stage(
     }
     store_checkpoints(&spool, &checkpoints, &ck_path).await?;
     Ok(())
+}
+
+fn apply_done(checkpoints: &mut Checkpoints, done: Vec<(u64, BatchMeta)>) {
+    for (seq, meta) in done {
+        if let Some(cursor) = &meta.cursor {
+            checkpoints.apply(&meta.source, cursor);
+        }
+        checkpoints.spool_seq = seq;
+    }
 }
 
 async fn store_checkpoints(spool: &Spool, ck: &Checkpoints, path: &Path) -> Result<()> {

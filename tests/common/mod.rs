@@ -224,3 +224,239 @@ pub fn file_source(name: &str, include: &[&Path], extra: &str) -> String {
         inc.join(", ")
     )
 }
+
+// ---------------------------------------------------------------------------------------
+// Relay side
+// ---------------------------------------------------------------------------------------
+
+/// A CA plus files for a relay and any number of agents, in `dir/certs`.
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca: soclink::certs::Ca,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        let d = dir.join("certs");
+        std::fs::create_dir_all(&d).unwrap();
+        let ca = soclink::certs::Ca::new("soclink test CA").unwrap();
+        std::fs::write(d.join("ca.pem"), &ca.cert_pem).unwrap();
+        Pki { dir: d, ca }
+    }
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    /// Issue `<name>.pem` / `<name>-key.pem`; returns (cert, key).
+    pub fn issue(&self, name: &str, kind: soclink::certs::CertKind) -> (PathBuf, PathBuf) {
+        let sans: &[&str] = match kind {
+            soclink::certs::CertKind::Server => &["localhost", "127.0.0.1"],
+            _ => &[],
+        };
+        let cn = if matches!(kind, soclink::certs::CertKind::Server) {
+            "localhost"
+        } else {
+            name
+        };
+        let p = soclink::certs::IssueParams::new(cn, sans, kind);
+        self.issue_with(name, &p)
+    }
+    pub fn issue_with(&self, name: &str, p: &soclink::certs::IssueParams) -> (PathBuf, PathBuf) {
+        let i = self.ca.issue(p).unwrap();
+        let cert = self.dir.join(format!("{name}.pem"));
+        let key = self.dir.join(format!("{name}-key.pem"));
+        std::fs::write(&cert, &i.cert_pem).unwrap();
+        std::fs::write(&key, &i.key_pem).unwrap();
+        (cert, key)
+    }
+}
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A relay process with its config, state and store in a temporary directory.
+pub struct RelayProc {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub store: PathBuf,
+    pub port: u16,
+    pub child: Option<Child>,
+}
+
+impl RelayProc {
+    pub fn new(dir: &Path, pki: &Pki, name: &str, extra: &str) -> RelayProc {
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = pki.issue(name, soclink::certs::CertKind::Server);
+        let port = free_port();
+        let store = dir.join("store");
+        let config = dir.join("relay.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "id = {name:?}\nlisten = [\"127.0.0.1:{port}\"]\nstate_dir = {:?}\nstore_dir = {:?}\ncontrol_socket = {:?}\nca = {:?}\ncert = {:?}\nkey = {:?}\nidle_timeout = \"20s\"\nhandshake_timeout = \"2s\"\n{extra}\n",
+                dir.join("state").to_str().unwrap(),
+                store.to_str().unwrap(),
+                dir.join("relay.sock").to_str().unwrap(),
+                pki.ca().to_str().unwrap(),
+                cert.to_str().unwrap(),
+                key.to_str().unwrap(),
+            ),
+        )
+        .unwrap();
+        RelayProc {
+            dir,
+            config,
+            store,
+            port,
+            child: None,
+        }
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("relay.log"))
+            .unwrap();
+        let child = Command::new(bin())
+            .args(["relay", "-c"])
+            .arg(&self.config)
+            .env("SOCLINK_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        // Wait until it accepts connections.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(self.address()).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "relay did not start; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            sigterm(c.id());
+            let status = c.wait().unwrap();
+            assert!(
+                status.success(),
+                "relay exited with {status}; log:\n{}",
+                self.log()
+            );
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("relay.log")).unwrap_or_default()
+    }
+
+    /// Every stored event of `agent` (all sources, all days).
+    pub fn events(&self, agent: &str) -> Vec<serde_json::Value> {
+        store_events(&self.store.join(agent))
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Read every `*.ndjson.gz` under `dir` (recursively) as concatenated gzip members.
+pub fn store_events(dir: &Path) -> Vec<serde_json::Value> {
+    use std::io::BufRead;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    let mut files = Vec::new();
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().ends_with(".ndjson.gz") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    for f in files {
+        let rd = std::io::BufReader::new(flate2::read::MultiGzDecoder::new(
+            std::fs::File::open(&f).unwrap(),
+        ));
+        for l in rd.lines() {
+            let l = l.unwrap_or_else(|e| panic!("{} does not inflate: {e}", f.display()));
+            out.push(serde_json::from_str(&l).unwrap());
+        }
+    }
+    out
+}
+
+/// `[upstream]` TOML for an agent (or relay) shipping to `relay` with `name`'s cert.
+pub fn upstream_toml(pki: &Pki, relay_addr: &str, name: &str) -> String {
+    let p = soclink::certs::IssueParams::new(name, &[], soclink::certs::CertKind::Client);
+    let (cert, key) = pki.issue_with(&format!("{name}-client"), &p);
+    format!(
+        "[upstream]\naddress = {relay_addr:?}\nserver_name = \"localhost\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        pki.ca().to_str().unwrap(),
+        cert.to_str().unwrap(),
+        key.to_str().unwrap()
+    )
+}
+
+/// Poll the relay store until `pred` holds.
+pub fn wait_store(
+    relay: &RelayProc,
+    agent: &str,
+    timeout: Duration,
+    what: &str,
+    mut pred: impl FnMut(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let evs = relay.events(agent);
+        if pred(&evs) {
+            return evs;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "timed out waiting for {what}: {} events stored; relay log:\n{}",
+                evs.len(),
+                relay.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
