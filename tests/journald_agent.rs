@@ -33,7 +33,7 @@ fn sigkill_during_reading_loses_and_repeats_nothing() {
     let jdir = dir.path().join("journal");
     std::fs::create_dir(&jdir).unwrap();
     let mut expected = Vec::new();
-    let first = entries("k0", NEAR_MIDNIGHT - 3_600_000_000, 1_000, 20_000);
+    let first = entries("k0", NEAR_MIDNIGHT - 3_600_000_000, 1_000, 12_000);
     write_journal(&jdir.join("system.journal"), &first);
     expected.extend(messages(&first));
 
@@ -48,7 +48,7 @@ fn sigkill_during_reading_loses_and_repeats_nothing() {
             &format!("k{round}"),
             NEAR_MIDNIGHT - 3_000_000_000 + round * 100_000_000,
             round * 1_000_000_000,
-            5_000,
+            3_000,
         );
         let name = format!("system@{round}.journal");
         let before = state_bytes(&agent.state);
@@ -58,7 +58,7 @@ fn sigkill_during_reading_loses_and_repeats_nothing() {
         place_journal(&jdir, &name, &more);
         if round % 2 == 1 {
             // Kill at a random moment, durable or not ...
-            std::thread::sleep(Duration::from_millis(rng.random_range(100..900)));
+            std::thread::sleep(Duration::from_millis(rng.random_range(100..700)));
         } else {
             // ... or right after a batch group became durable, while more is in flight.
             while state_bytes(&agent.state) <= before && t.elapsed() < Duration::from_secs(3) {

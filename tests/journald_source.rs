@@ -195,6 +195,7 @@ fn restart_from_a_cursor_delivers_exactly_the_rest() {
     run.collect(50, T);
     run.drain_for(Duration::from_millis(300));
     assert_messages(&run.events(), &messages(&later));
+    assert_eq!(run.stats.gaps.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
 
 #[test]
@@ -289,4 +290,53 @@ fn a_missing_directory_is_waited_for() {
     place_journal(&jdir, "a.journal", &a);
     run.collect(a.len(), T);
     assert_messages(&run.events(), &messages(&a));
+}
+
+#[test]
+fn one_event_stays_bounded_whatever_the_entry_holds() {
+    use soclink::sources::journald::{MAX_FIELD, MAX_FIELDS_TOTAL};
+    let dir = tempfile::tempdir().unwrap();
+    let jdir = dir.path().join("journal");
+    std::fs::create_dir(&jdir).unwrap();
+    let mut wide = Entry::new(NEAR_MIDNIGHT, 1_000, b"id=wide");
+    for i in 0..40 {
+        wide = wide.with(&format!("F{i:02}"), &vec![b'a' + (i % 26) as u8; 60_000]);
+    }
+    let all = vec![
+        Entry::new(NEAR_MIDNIGHT, 999, b"id=long-field").with("BIG", &vec![b'y'; 100_000]),
+        wide,
+        // A second MESSAGE value does not get the MESSAGE bound.
+        Entry::new(NEAR_MIDNIGHT, 1_001, &vec![b'm'; 900_000])
+            .with("MESSAGE", &vec![b'n'; 900_000]),
+    ];
+    write_journal(&jdir.join("system.journal"), &all);
+    let mut run = start(cfg(&jdir), None, 1 << 20);
+    run.collect(3, T);
+    let evs = run.events();
+    assert_eq!(evs.len(), 3);
+
+    assert_eq!(evs[0]["truncated"], true);
+    assert_eq!(evs[0]["fields"]["BIG"].as_str().unwrap().len(), MAX_FIELD);
+
+    let wide = &evs[1];
+    assert_eq!(wide["message"], "id=wide");
+    assert_eq!(wide["truncated"], true);
+    let kept: usize = wide["fields"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| k.len() + v.as_str().unwrap().len())
+        .sum();
+    assert!(kept <= MAX_FIELDS_TOTAL + 64, "{kept}");
+    assert!(kept >= MAX_FIELDS_TOTAL - 64 - 60_000, "{kept}");
+
+    let two = &evs[2];
+    assert_eq!(two["truncated"], true);
+    let m = two["message"].as_str().unwrap();
+    let rest = two["fields"]["MESSAGE"].as_str().unwrap();
+    // Journal order of two values of one field is the file's, not the export's.
+    assert_eq!(m.len() + rest.len(), 900_000 + MAX_FIELD);
+    for b in &run.batches {
+        assert!(b.raw.len() < 3 << 20);
+    }
 }

@@ -10,7 +10,8 @@
 //!   oldest entry after it, and the possible loss is logged and counted in `gaps`.
 //! - A batch never spans two UTC days of the entries' own timestamps.
 //! - One event is bounded: `MESSAGE` is cut at [`MAX_MESSAGE`], any other value at
-//!   [`MAX_FIELD`], all other values together at [`MAX_FIELDS_TOTAL`]; an event that lost
+//!   [`MAX_FIELD`], all other values together at [`MAX_FIELDS_TOTAL`] (and at most
+//!   [`MAX_FIELD_COUNT`] fields); an event that lost
 //!   bytes says `"truncated":true`. Journal values are arbitrary bytes and are never
 //!   trusted to be UTF-8.
 //!
@@ -61,6 +62,8 @@ pub const MAX_MESSAGE: usize = 1 << 20;
 pub const MAX_FIELD: usize = 64 << 10;
 /// All values other than `MESSAGE` of one event together.
 pub const MAX_FIELDS_TOTAL: usize = 1 << 20;
+/// Most fields kept per event (journald itself writes at most 1024).
+pub const MAX_FIELD_COUNT: usize = 4096;
 /// Longest sleep in `sd_journal_wait`: bounds how late `stop` and `max_delay` are seen.
 const WAIT: Duration = Duration::from_millis(200);
 /// Entries read between two looks at `stop` and `max_delay`.
@@ -220,6 +223,12 @@ impl JournaldSource {
                     }
                     return Some(j);
                 }
+                Err(e @ JournaldError::NonUtf8Directory(_)) => {
+                    // A configuration that can never work: say so once, do not spin.
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(source = %self.name, "{e}; this source stays idle");
+                    return None;
+                }
                 Err(e) => {
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
                     if !logged {
@@ -374,6 +383,7 @@ impl JournaldSource {
         self.fields.clear();
         let mut truncated = false;
         let mut others = 0usize;
+        let mut seen_message = false;
         j.restart_data();
         loop {
             let f = match j.enumerate_data() {
@@ -388,20 +398,26 @@ impl JournaldSource {
             };
             let name = f.name();
             let value = f.value().unwrap_or(&[]);
-            let cap = if name == b"MESSAGE" {
+            // Only the first MESSAGE gets the large bound; every other value, repeated
+            // MESSAGEs included, shares MAX_FIELDS_TOTAL, so a crafted entry with
+            // thousands of fields cannot make one event large.
+            let is_message = name == b"MESSAGE" && !seen_message;
+            let cap = if is_message {
+                seen_message = true;
                 MAX_MESSAGE
             } else {
-                MAX_FIELD.min(MAX_FIELDS_TOTAL.saturating_sub(others))
+                if others >= MAX_FIELDS_TOTAL || self.fields.len() >= MAX_FIELD_COUNT {
+                    truncated = true;
+                    continue;
+                }
+                MAX_FIELD.min(MAX_FIELDS_TOTAL - others)
             };
             if value.len() > cap {
                 truncated = true;
             }
             let keep = value.get(..cap).unwrap_or(value);
-            if name != b"MESSAGE" {
+            if !is_message {
                 others += keep.len() + name.len();
-                if keep.is_empty() && !value.is_empty() {
-                    continue; // out of budget: drop the field entirely
-                }
             }
             let n0 = self.arena.len();
             self.arena.extend_from_slice(name);
