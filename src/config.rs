@@ -991,7 +991,9 @@ compression_level = 1
         let c = parse_agent(GOOD).unwrap();
         assert_eq!(c.id, "web-01");
         assert_eq!(c.sources.len(), 1);
-        let SourceKind::File(f) = &c.sources[0].kind;
+        let SourceKind::File(f) = &c.sources[0].kind else {
+            panic!("expected a file source")
+        };
         assert_eq!(f.max_line_bytes, 64 << 10);
         assert_eq!(f.start_at, StartAt::End);
         assert_eq!(c.spool.batch_max_delay, Duration::from_millis(250));
