@@ -44,6 +44,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Most batches appended before one fsync (group commit).
 const GROUP_MAX: usize = 32;
 
+/// Batches appended (with their seqs), and the ones left over when the spool filled up.
+type Appended = (Vec<(u64, BatchMeta)>, Vec<Compressed>);
+
 /// A batch after compression, waiting to be appended.
 struct Compressed {
     meta: BatchMeta,
@@ -133,10 +136,10 @@ impl Agent {
         let mut replayed = 0;
         for rec in spool.records_from(checkpoints.spool_seq + 1) {
             let rec = rec?;
-            if let Ok(meta) = serde_json::from_slice::<BatchMeta>(&rec.meta) {
-                if let Some(cursor) = &meta.cursor {
-                    checkpoints.apply(&meta.source, cursor);
-                }
+            if let Ok(meta) = serde_json::from_slice::<BatchMeta>(&rec.meta)
+                && let Some(cursor) = &meta.cursor
+            {
+                checkpoints.apply(&meta.source, cursor);
             }
             checkpoints.spool_seq = rec.seq;
             replayed += 1;
@@ -389,27 +392,25 @@ async fn write_stage(
                 full_logged = false;
             }
             let sp = spool.clone();
-            let (appended, rest) = tokio::task::spawn_blocking(
-                move || -> Result<(Vec<(u64, BatchMeta)>, Vec<Compressed>)> {
-                    let mut appended = Vec::with_capacity(group.len());
-                    let mut items = group.into_iter();
-                    for c in items.by_ref() {
-                        let meta = serde_json::to_vec(&c.meta)?;
-                        match sp.append(&meta, &c.gzip) {
-                            Ok(seq) => appended.push((seq, c.meta)),
-                            Err(crate::spool::SpoolError::Full { .. }) => {
-                                let mut rest = vec![c];
-                                rest.extend(items);
-                                sp.commit()?;
-                                return Ok((appended, rest));
-                            }
-                            Err(e) => return Err(e.into()),
+            let (appended, rest) = tokio::task::spawn_blocking(move || -> Result<Appended> {
+                let mut appended = Vec::with_capacity(group.len());
+                let mut items = group.into_iter();
+                for c in items.by_ref() {
+                    let meta = serde_json::to_vec(&c.meta)?;
+                    match sp.append(&meta, &c.gzip) {
+                        Ok(seq) => appended.push((seq, c.meta)),
+                        Err(crate::spool::SpoolError::Full { .. }) => {
+                            let mut rest = vec![c];
+                            rest.extend(items);
+                            sp.commit()?;
+                            return Ok((appended, rest));
                         }
+                        Err(e) => return Err(e.into()),
                     }
-                    sp.commit()?;
-                    Ok((appended, Vec::new()))
-                },
-            )
+                }
+                sp.commit()?;
+                Ok((appended, Vec::new()))
+            })
             .await??;
             dirty |= !appended.is_empty();
             apply_done(&mut checkpoints, appended);

@@ -477,21 +477,21 @@ fn file_source(
         }
     }
     let max_line_bytes = s.max_line_bytes.as_ref().map_or(1 << 20, |m| m.get_ref().0);
-    if let Some(m) = &s.max_line_bytes {
-        if !(16..=(256 << 20)).contains(&max_line_bytes) {
-            p.at(m.span(), "max_line_bytes must be between 16B and 256MiB");
-            ok = false;
-        }
+    if let Some(m) = &s.max_line_bytes
+        && !(16..=(256 << 20)).contains(&max_line_bytes)
+    {
+        p.at(m.span(), "max_line_bytes must be between 16B and 256MiB");
+        ok = false;
     }
     let rescan_interval = s
         .rescan_interval
         .as_ref()
         .map_or(Duration::from_secs(1), |d| d.get_ref().0);
-    if let Some(d) = &s.rescan_interval {
-        if d.get_ref().0 < Duration::from_millis(10) {
-            p.at(d.span(), "rescan_interval must be at least 10ms");
-            ok = false;
-        }
+    if let Some(d) = &s.rescan_interval
+        && d.get_ref().0 < Duration::from_millis(10)
+    {
+        p.at(d.span(), "rescan_interval must be at least 10ms");
+        ok = false;
     }
     ok.then(|| FileSourceConfig {
         include,
@@ -546,11 +546,11 @@ fn syslog_source(
         .max_message_bytes
         .as_ref()
         .map_or(64 << 10, |m| m.get_ref().0);
-    if let Some(m) = &s.max_message_bytes {
-        if !(480..=(16 << 20)).contains(&max_message_bytes) {
-            p.at(m.span(), "max_message_bytes must be between 480B and 16MiB");
-            ok = false;
-        }
+    if let Some(m) = &s.max_message_bytes
+        && !(480..=(16 << 20)).contains(&max_message_bytes)
+    {
+        p.at(m.span(), "max_message_bytes must be between 480B and 16MiB");
+        ok = false;
     }
     let max_connections = match &s.max_connections {
         Some(m) => match usize::try_from(*m.get_ref()) {

@@ -63,7 +63,7 @@ fn rename_rotation_while_writing() {
     assert_eq!(first["path"], log.to_str().unwrap());
     assert_eq!(first["offset"], 0);
     assert_eq!(first["source"], "app");
-    assert_eq!(first["host"].as_str().is_some(), true);
+    assert!(first["host"].as_str().is_some());
 }
 
 #[test]
@@ -188,7 +188,7 @@ fn sigkill_at_random_moments_during_heavy_writing() {
                 n += 500;
                 append(&log, &lines);
                 all.extend(lines);
-                if n % 20_000 == 0 {
+                if n.is_multiple_of(20_000) {
                     rotations += 1;
                     fs::rename(&log, dir.join(format!("busy.log.{rotations}"))).unwrap();
                 }
@@ -312,7 +312,7 @@ fn overlong_lines_are_truncated_and_marked_and_partial_lines_wait() {
         .iter()
         .find(|e| e["truncated"] == true)
         .expect("a truncated event");
-    assert_eq!(message(t), long[..1024].as_bytes());
+    assert_eq!(message(t), &long.as_bytes()[..1024]);
     assert_eq!(t["offset"], 13);
     // After partial_line_timeout (1s) of idleness the last line is emitted whole.
     let evs = wait_events(&agent, T, "the partial line", |e| e.len() >= 4);
@@ -320,7 +320,7 @@ fn overlong_lines_are_truncated_and_marked_and_partial_lines_wait() {
     agent.stop();
     let expected: Vec<Vec<u8>> = vec![
         b"short before".to_vec(),
-        long[..1024].as_bytes().to_vec(),
+        long.as_bytes()[..1024].to_vec(),
         b"short after".to_vec(),
         b"no newline yet".to_vec(),
     ];

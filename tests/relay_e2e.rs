@@ -185,7 +185,7 @@ fn relay_down_for_a_long_stretch_then_catch_up_with_a_bounded_spool() {
     let mut agent = AgentProc::new(
         &adir,
         &file_source("app", &[&log], ""),
-        &format!("{}", upstream_toml(&pki, &relay.address(), "agent-d")),
+        &upstream_toml(&pki, &relay.address(), "agent-d").to_string(),
     );
     let cfg = std::fs::read_to_string(&agent.config).unwrap();
     std::fs::write(

@@ -157,6 +157,7 @@ pub struct FileSource {
 }
 
 impl FileSource {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: String,
         host: String,
@@ -262,12 +263,10 @@ impl FileSource {
                         for p in ev.paths {
                             if include.iter().any(|g| g.matches_path(&p))
                                 && !is_excluded(&p, &exclude)
+                                && let Ok(f) = File::open(&p)
+                                && f.metadata().is_ok_and(|m| m.is_file())
                             {
-                                if let Ok(f) = File::open(&p) {
-                                    if f.metadata().is_ok_and(|m| m.is_file()) {
-                                        let _ = early.send((p, f));
-                                    }
-                                }
+                                let _ = early.send((p, f));
                             }
                         }
                     }
@@ -376,15 +375,16 @@ impl FileSource {
         } else {
             0
         };
-        if let Some(known) = self.known.remove(&key) {
-            if known.fp_len <= fp_len && fp_matches(&file, known.fp_len, known.fp) {
-                offset = if known.offset <= len {
-                    known.offset
-                } else {
-                    tracing::warn!(source = %self.name, path = %path_str, "file is shorter than its checkpoint (truncated while the agent was down): reading it from the start");
-                    0
-                };
-            }
+        if let Some(known) = self.known.remove(&key)
+            && known.fp_len <= fp_len
+            && fp_matches(&file, known.fp_len, known.fp)
+        {
+            offset = if known.offset <= len {
+                known.offset
+            } else {
+                tracing::warn!(source = %self.name, path = %path_str, "file is shorter than its checkpoint (truncated while the agent was down): reading it from the start");
+                0
+            };
         }
         self.track(file, path_str, key, fp_len, fp, offset, true);
     }
@@ -582,11 +582,11 @@ impl FileSource {
             if n == 0 {
                 t.at_eof = true;
                 // A file shorter than what we read was truncated in place.
-                if let Ok(meta) = t.file.metadata() {
-                    if meta.len() < t.read_pos {
-                        self.truncated(key);
-                        continue;
-                    }
+                if let Ok(meta) = t.file.metadata()
+                    && meta.len() < t.read_pos
+                {
+                    self.truncated(key);
+                    continue;
                 }
                 break;
             }

@@ -206,7 +206,11 @@ pub fn line(w: &str, n: u64) -> String {
         (n / 60) % 60,
         n % 60,
         1000 + n % 7919,
-        if n % 3 == 0 { "accepted" } else { "rejected" },
+        if n.is_multiple_of(3) {
+            "accepted"
+        } else {
+            "rejected"
+        },
         n % 256,
         (n / 256) % 256,
         (n * 7) % 256,
