@@ -477,7 +477,10 @@ fn explain_cert(c: &CertificateError) -> String {
              agents need clientAuth, relays serverAuth)"
                 .to_owned()
         }
-        CertificateError::BadSignature => "the peer's certificate has a bad signature".to_owned(),
+        CertificateError::BadSignature => "the peer's certificate has a bad signature: it is \
+             signed by a different CA than the one configured here (perhaps one with the same \
+             name)"
+            .to_owned(),
         other => format!("the peer's certificate was rejected: {other:?}"),
     }
 }
@@ -501,6 +504,10 @@ fn explain_alert(a: AlertDescription) -> String {
              (soclink uses TLS 1.3 unless tls12 is enabled)"
         }
         AlertDescription::HandshakeFailure => "no common TLS version or cipher with the peer",
+        AlertDescription::DecryptError => {
+            "the peer could not verify our certificate's signature: it is signed by a \
+             different CA than the one the peer trusts (perhaps one with the same name)"
+        }
         _ => "",
     };
     if what.is_empty() {
