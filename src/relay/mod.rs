@@ -130,6 +130,27 @@ pub async fn run(
         upstream: upstream_status,
         sink: sink.clone(),
     });
+    // The writer stops only on a storage failure: then the relay stops too, so that a
+    // restart's recovery decides what is durable.
+    let writer_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let failed = writer_failed.clone();
+        let shutdown = shutdown.clone();
+        let probe = sink.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+                }
+                if probe.is_closed() {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    shutdown.cancel();
+                    return;
+                }
+            }
+        });
+    }
     server.run(listeners, shutdown.clone()).await;
     sink.stop();
     drop(sink);
@@ -145,6 +166,9 @@ pub async fn run(
         }
     })
     .await;
+    if writer_failed.load(std::sync::atomic::Ordering::Relaxed) {
+        anyhow::bail!("the relay stopped because its storage failed (see the errors above)");
+    }
     tracing::info!("relay stopped");
     Ok(())
 }

@@ -110,6 +110,11 @@ impl Sink {
         }
     }
 
+    /// True once the writer thread has stopped (storage failure).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     pub async fn submit(&self, req: WriteReq) -> Result<(), ()> {
         self.tx.send(req).await.map_err(|_| ())
     }
@@ -141,7 +146,19 @@ fn store_writer(mut rx: mpsc::Receiver<WriteReq>, store: Arc<Mutex<Store>>) {
         let mut st = lock(&store);
         let mut results: Vec<(oneshot::Sender<WriteResult>, WriteResult)> = Vec::new();
         for r in group {
-            let res = match st.append(&r.agent, &r.stream, r.seq, &r.source, &r.day, &r.gzip) {
+            let mut out = st.append(&r.agent, &r.stream, r.seq, &r.source, &r.day, &r.gzip);
+            if let Ok(AppendOutcome::Gap { expected }) = out {
+                // The batches in between can never come (the sender's spool lost them,
+                // or this store never saw the stream): say so loudly, keep going.
+                if expected == 1 {
+                    tracing::info!(agent = %r.agent, "stream {:?} starts at batch #{} here (earlier batches went elsewhere or were lost)", r.stream, r.seq);
+                } else {
+                    tracing::error!(agent = %r.agent, "stream {:?}: batches #{expected}..#{} never arrived and cannot be resent (lost on the sender's side); storing #{} and continuing", r.stream, r.seq - 1, r.seq);
+                }
+                out =
+                    st.append_accepting_gap(&r.agent, &r.stream, r.seq, &r.source, &r.day, &r.gzip);
+            }
+            let res = match out {
                 Ok(AppendOutcome::Appended) => Ok(Stored::Appended),
                 Ok(AppendOutcome::Duplicate) => Ok(Stored::Duplicate),
                 Ok(AppendOutcome::Gap { expected }) => Err(format!(
@@ -156,11 +173,14 @@ fn store_writer(mut rx: mpsc::Receiver<WriteReq>, store: Arc<Mutex<Store>>) {
             results.push((r.reply, res));
         }
         if let Err(e) = st.commit() {
+            // After a failed fsync only a reopen (which cuts files back to what is
+            // durable) can tell what is on disk: stop the writer, so the relay exits and
+            // its service manager restarts it. Nothing of this group was acknowledged.
             tracing::error!("store commit failed, nothing of this group is acknowledged: {e}");
             for (reply, _) in results {
                 let _ = reply.send(Err(format!("the relay could not store the batch: {e}")));
             }
-            continue;
+            return;
         }
         drop(st);
         for (reply, res) in results {
@@ -219,6 +239,7 @@ fn spool_writer(mut rx: mpsc::Receiver<WriteReq>, spool: Spool, stop: Arc<Atomic
                 for reply in appended {
                     let _ = reply.send(Err(format!("cannot spool the batch: {e}")));
                 }
+                return; // see store_writer: a restart recovers
             }
         }
     }

@@ -616,6 +616,38 @@ impl Store {
         day: &str,
         gzip: &[u8],
     ) -> Result<AppendOutcome, StoreError> {
+        self.append_inner(agent, stream, seq, source, day, gzip, false)
+    }
+
+    /// Like [`Store::append`], but a `seq` beyond position + 1 is written too (and the
+    /// stream's position jumps to it). For a sender whose missing batches can never
+    /// come (lost to damage on its side, or a stream this store never saw): refusing
+    /// would stall that sender forever, while exactly-once still holds for everything
+    /// else. The caller logs the gap; a [`AppendOutcome::Gap`] is still returned for a
+    /// `seq` that was *not* written only when nothing else applies.
+    pub fn append_accepting_gap(
+        &mut self,
+        agent: &str,
+        stream: &str,
+        seq: u64,
+        source: &str,
+        day: &str,
+        gzip: &[u8],
+    ) -> Result<AppendOutcome, StoreError> {
+        self.append_inner(agent, stream, seq, source, day, gzip, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append_inner(
+        &mut self,
+        agent: &str,
+        stream: &str,
+        seq: u64,
+        source: &str,
+        day: &str,
+        gzip: &[u8],
+        accept_gap: bool,
+    ) -> Result<AppendOutcome, StoreError> {
         validate_name(NameField::Agent, agent)?;
         validate_name(NameField::Stream, stream)?;
         validate_name(NameField::Source, source)?;
@@ -640,7 +672,7 @@ impl Store {
             return Ok(AppendOutcome::Duplicate);
         }
         // current < seq, so current + 1 cannot overflow.
-        if seq - current > 1 {
+        if seq - current > 1 && !accept_gap {
             return Ok(AppendOutcome::Gap {
                 expected: current + 1,
             });
