@@ -127,10 +127,9 @@ fn refused_certificates_store_nothing_and_say_why() {
         std::fs::write(d.join("k.pem"), &i.key_pem).unwrap();
         let cfg =
             soclink::tls::client_config(&pki.ca(), &d.join("c.pem"), &d.join("k.pem")).unwrap();
-        let e = rt
-            .block_on(tls_connect(&relay.address(), cfg))
-            .err()
-            .expect("must be refused");
+        let Err(e) = rt.block_on(tls_connect(&relay.address(), cfg)) else {
+            panic!("must be refused")
+        };
         assert!(e.contains("CA"), "{ca_name}: {e}");
     }
 
@@ -139,10 +138,9 @@ fn refused_certificates_store_nothing_and_say_why() {
     p.not_before = SystemTime::now() - Duration::from_secs(3 * 86400);
     p.not_after = SystemTime::now() - Duration::from_secs(86400);
     let (ec, ek) = pki.issue_with("expired", &p);
-    let e = rt
-        .block_on(tls_connect(&relay.address(), client_config(&pki, &ec, &ek)))
-        .err()
-        .expect("expired must be refused");
+    let Err(e) = rt.block_on(tls_connect(&relay.address(), client_config(&pki, &ec, &ek))) else {
+        panic!("expired must be refused")
+    };
     assert!(e.contains("expired"), "{e}");
 
     // No client certificate at all.
@@ -162,10 +160,9 @@ fn refused_certificates_store_nothing_and_say_why() {
         .with_root_certificates(roots.clone())
         .with_no_client_auth(),
     );
-    let e = rt
-        .block_on(tls_connect(&relay.address(), nocert))
-        .err()
-        .expect("no cert must be refused");
+    let Err(e) = rt.block_on(tls_connect(&relay.address(), nocert)) else {
+        panic!("no cert must be refused")
+    };
     assert!(e.contains("certificate"), "{e}");
 
     // A TLS 1.2-only client (the relay requires 1.3).
@@ -183,10 +180,9 @@ fn refused_certificates_store_nothing_and_say_why() {
         )
         .unwrap(),
     );
-    let e = rt
-        .block_on(tls_connect(&relay.address(), tls12))
-        .err()
-        .expect("TLS 1.2 must be refused");
+    let Err(e) = rt.block_on(tls_connect(&relay.address(), tls12)) else {
+        panic!("TLS 1.2 must be refused")
+    };
     assert!(e.contains("TLS version") || e.contains("version"), "{e}");
 
     // An agent that expects the relay under another name refuses it, and says so.
