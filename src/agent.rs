@@ -325,6 +325,7 @@ async fn compress_stage(
                     events: b.events,
                     raw_bytes: b.raw.len() as u64,
                     origin: None,
+                    item: None,
                     cursor: b.cursor,
                 },
                 gzip,

@@ -22,6 +22,10 @@ pub struct BatchMeta {
     /// original agent identity and stream position, which the top relay dedupes on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<Origin>,
+    /// What the payload is when it is not routine log events (incident records and
+    /// evidence bundles travel in the priority lane).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<Item>,
     /// Source-specific resume position after this batch (e.g. file offsets). Opaque to
     /// everything but the source that wrote it; lets a restart resume exactly after the
     /// last durable batch even when the checkpoint file is older.
@@ -35,4 +39,38 @@ pub struct Origin {
     pub agent: String,
     pub stream: String,
     pub seq: u64,
+}
+
+/// A spooled item that is not a batch of log events.
+///
+/// The relay stores these under `<store>/<agent>/incidents/<incident>/` instead of the
+/// log layout. `IncidentRecord` and `IncidentReport` payloads are one gzip member of
+/// one JSON line (so they verify like any batch); a `BundleChunk` payload is raw bytes
+/// of the evidence bundle (a tar.gz), at `offset` of `total`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Item {
+    IncidentRecord {
+        incident: String,
+    },
+    IncidentReport {
+        incident: String,
+    },
+    BundleChunk {
+        incident: String,
+        offset: u64,
+        total: u64,
+        /// SHA-256 (hex) of the whole bundle file; checked when the last chunk is in.
+        sha256: String,
+    },
+}
+
+impl Item {
+    pub fn incident(&self) -> &str {
+        match self {
+            Item::IncidentRecord { incident }
+            | Item::IncidentReport { incident }
+            | Item::BundleChunk { incident, .. } => incident,
+        }
+    }
 }

@@ -198,6 +198,9 @@ pub struct BatchHeader {
     /// Set only when a relay forwards a batch first spooled by another agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<Origin>,
+    /// Set for incident records, reports and evidence-bundle chunks (absent: log events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<crate::batch::Item>,
 }
 
 impl BatchHeader {
@@ -215,6 +218,23 @@ impl BatchHeader {
             component("origin agent", &o.agent)?;
             component("origin stream", &o.stream)?;
         }
+        if let Some(item) = &self.item {
+            component("incident", item.incident())?;
+            if let crate::batch::Item::BundleChunk {
+                offset,
+                total,
+                sha256,
+                ..
+            } = item
+            {
+                if *offset > *total {
+                    return Err(format!("bundle chunk offset {offset} beyond total {total}"));
+                }
+                if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err("bundle sha256 is not 64 hex digits".into());
+                }
+            }
+        }
         if !is_day(&self.day) {
             return Err(format!("day {:?} is not a YYYY-MM-DD date", self.day));
         }
@@ -231,6 +251,7 @@ impl BatchHeader {
             events: meta.events,
             raw_bytes: meta.raw_bytes,
             origin: meta.origin.clone(),
+            item: meta.item.clone(),
         }
     }
 }

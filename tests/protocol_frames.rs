@@ -50,6 +50,7 @@ fn batch_frame(gzip: Vec<u8>) -> Frame {
             events: 2,
             raw_bytes: 20,
             origin: None,
+            item: None,
         },
         gzip: Bytes::from(gzip),
     })

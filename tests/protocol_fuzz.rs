@@ -120,6 +120,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                 events,
                 raw_bytes,
                 origin,
+                item: None,
             },
         );
     let code = prop_oneof![

@@ -272,6 +272,7 @@ fn hostile_peers_do_not_hurt_the_relay_or_other_agents() {
                 events: 1,
                 raw_bytes: 1000,
                 origin: None,
+                item: None,
             },
             gzip: bytes::Bytes::from(bomb),
         });

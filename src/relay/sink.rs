@@ -215,6 +215,7 @@ fn spool_writer(mut rx: mpsc::Receiver<WriteReq>, spool: Spool, stop: Arc<Atomic
                     stream: r.stream.clone(),
                     seq: r.seq,
                 }),
+                item: r.meta.item.clone(),
                 cursor: None,
             };
             let res = serde_json::to_vec(&meta)
