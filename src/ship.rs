@@ -54,17 +54,41 @@ pub struct UpstreamStatus {
     pub reconnects: u64,
 }
 
+/// One spool shipped as one stream. Lanes are served in order: while the first lane
+/// (the priority lane: incidents and evidence) has durable records, the window is
+/// theirs; routine logs use what is left.
+#[derive(Clone)]
+pub struct Lane {
+    /// The stream name on the wire (an agent: "priority", "logs"; a relay: "fwd").
+    pub stream: String,
+    pub spool: Spool,
+}
+
 pub struct Shipper {
     upstream: UpstreamConfig,
-    spool: Spool,
-    /// The stream this spool is shipped as (an agent: "logs"; a relay: "fwd").
-    stream: String,
+    lanes: Vec<Lane>,
     tls: Arc<ReloadableClientConfig>,
     status: Arc<Mutex<UpstreamStatus>>,
 }
 
+/// Per-session state of a lane.
+struct LaneState {
+    next: u64,
+    inflight: VecDeque<(u64, u64)>, // (seq, bytes)
+}
+
 impl Shipper {
     pub fn new(upstream: UpstreamConfig, spool: Spool, stream: &str) -> Result<Shipper> {
+        Self::with_lanes(
+            upstream,
+            vec![Lane {
+                stream: stream.to_string(),
+                spool,
+            }],
+        )
+    }
+
+    pub fn with_lanes(upstream: UpstreamConfig, lanes: Vec<Lane>) -> Result<Shipper> {
         let tls = ReloadableClientConfig::new(
             TlsFiles {
                 ca: upstream.ca.clone(),
@@ -76,8 +100,7 @@ impl Shipper {
         .context("cannot load the upstream TLS certificates")?;
         Ok(Shipper {
             upstream,
-            spool,
-            stream: stream.to_string(),
+            lanes,
             tls: Arc::new(tls),
             status: Arc::default(),
         })
@@ -152,7 +175,7 @@ impl Shipper {
             &Frame::Hello(Hello {
                 versions: protocol::SUPPORTED_VERSIONS.to_vec(),
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
-                streams: vec![self.stream.clone()],
+                streams: self.lanes.iter().map(|l| l.stream.clone()).collect(),
             }),
         )
         .await?;
@@ -168,21 +191,25 @@ impl Shipper {
                 protocol::SUPPORTED_VERSIONS
             ),
             Frame::Error(e) => bail!("the relay reported an error: {}", e.message),
-            other => bail!(
-                "unexpected {:?} frame instead of HelloAck",
-                other.frame_type()
-            ),
+            other => bail!("unexpected {:?} frame instead of HelloAck", other.frame_type()),
         };
-        let relay_pos = ack
-            .resume
-            .iter()
-            .find(|r| r.stream == self.stream)
-            .map_or(0, |r| r.last_seq);
-        if relay_pos > self.spool.acked() {
-            // The relay stored batches whose acknowledgement we never saw.
-            let sp = self.spool.clone();
-            let upto = relay_pos.min(self.spool.stats().durable_seq);
-            tokio::task::spawn_blocking(move || sp.ack(upto)).await??;
+        let mut states = Vec::with_capacity(self.lanes.len());
+        for lane in &self.lanes {
+            let relay_pos = ack
+                .resume
+                .iter()
+                .find(|r| r.stream == lane.stream)
+                .map_or(0, |r| r.last_seq);
+            if relay_pos > lane.spool.acked() {
+                // The relay stored batches whose acknowledgement we never saw.
+                let sp = lane.spool.clone();
+                let upto = relay_pos.min(lane.spool.stats().durable_seq);
+                tokio::task::spawn_blocking(move || sp.ack(upto)).await??;
+            }
+            states.push(LaneState {
+                next: lane.spool.acked() + 1,
+                inflight: VecDeque::new(),
+            });
         }
         {
             let mut st = lock(&self.status);
@@ -190,14 +217,17 @@ impl Shipper {
             st.down_since = None;
             st.last_error = None;
             st.relay_id = Some(ack.relay_id.clone());
-            st.acked_seq = self.spool.acked();
         }
         tracing::info!(
-            "connected to relay {:?} at {} (protocol v{}); resuming after batch {}",
+            "connected to relay {:?} at {} (protocol v{}); resuming {}",
             ack.relay_id,
             self.upstream.address,
             ack.version,
-            self.spool.acked()
+            self.lanes
+                .iter()
+                .map(|l| format!("{} after batch {}", l.stream, l.spool.acked()))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
 
         // Frames from the relay arrive on their own task so a large write never keeps
@@ -213,38 +243,55 @@ impl Shipper {
             }
         });
         let _reader_guard = AbortOnDrop(reader);
+        // Any lane's new durable records wake the send loop.
+        let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
+        let mut _wakers = Vec::new();
+        for lane in &self.lanes {
+            let mut durable = lane.spool.watch_durable();
+            let wake = wake_tx.clone();
+            _wakers.push(AbortOnDrop(tokio::spawn(async move {
+                while durable.changed().await.is_ok() {
+                    let _ = wake.try_send(());
+                }
+            })));
+        }
 
-        let mut durable = self.spool.watch_durable();
-        let mut next = self.spool.acked() + 1;
-        let mut inflight: VecDeque<(u64, u64)> = VecDeque::new(); // (seq, bytes)
+        let mut inflight_count = 0usize;
         let mut inflight_bytes = 0u64;
         let mut last_rx = Instant::now();
         let mut pinged = false;
         let mut draining: Option<Instant> = None;
         loop {
-            // Fill the window from the spool.
-            while draining.is_none()
-                && inflight.len() < WINDOW_BATCHES
-                && inflight_bytes < WINDOW_BYTES
-                && next <= *durable.borrow()
-            {
-                let sp = self.spool.clone();
-                let rec = tokio::task::spawn_blocking(move || sp.read(next)).await??;
-                let Some(rec) = rec else { break };
-                let meta: BatchMeta = serde_json::from_slice(&rec.meta).with_context(|| {
-                    format!("spooled batch {} has unreadable metadata", rec.seq)
-                })?;
-                let size = rec.payload.len() as u64;
-                let frame = Frame::Batch(Batch {
-                    header: BatchHeader::from_meta(&self.stream, rec.seq, &meta),
-                    gzip: Bytes::from(rec.payload),
-                });
-                protocol::write_frame(&mut wr, &frame).await?;
-                inflight.push_back((rec.seq, size));
-                inflight_bytes += size;
-                next = rec.seq + 1;
+            // Fill the window from the lanes, first lane first.
+            'fill: for (lane, state) in self.lanes.iter().zip(states.iter_mut()) {
+                while draining.is_none()
+                    && inflight_count < WINDOW_BATCHES
+                    && inflight_bytes < WINDOW_BYTES
+                    && state.next <= lane.spool.stats().durable_seq
+                {
+                    let sp = lane.spool.clone();
+                    let want = state.next;
+                    let rec = tokio::task::spawn_blocking(move || sp.read(want)).await??;
+                    let Some(rec) = rec else { break };
+                    let meta: BatchMeta = serde_json::from_slice(&rec.meta).with_context(|| {
+                        format!("spooled batch {}#{} has unreadable metadata", lane.stream, rec.seq)
+                    })?;
+                    let size = rec.payload.len() as u64;
+                    let frame = Frame::Batch(Batch {
+                        header: BatchHeader::from_meta(&lane.stream, rec.seq, &meta),
+                        gzip: Bytes::from(rec.payload),
+                    });
+                    protocol::write_frame(&mut wr, &frame).await?;
+                    state.inflight.push_back((rec.seq, size));
+                    inflight_count += 1;
+                    inflight_bytes += size;
+                    state.next = rec.seq + 1;
+                }
+                if inflight_count >= WINDOW_BATCHES || inflight_bytes >= WINDOW_BYTES {
+                    break 'fill;
+                }
             }
-            if draining.is_some() && inflight.is_empty() {
+            if draining.is_some() && inflight_count == 0 {
                 let _ = wr.shutdown().await;
                 return Ok(());
             }
@@ -259,30 +306,36 @@ impl Shipper {
                     last_rx = Instant::now();
                     pinged = false;
                     match f {
-                        Frame::Ack(a) if a.stream == self.stream => {
+                        Frame::Ack(a) => {
+                            let Some(i) = self.lanes.iter().position(|l| l.stream == a.stream) else {
+                                bail!("the relay acknowledged unknown stream {:?}", a.stream);
+                            };
+                            let state = &mut states[i];
                             let mut upto = 0;
-                            while let Some(&(seq, size)) = inflight.front() {
+                            while let Some(&(seq, size)) = state.inflight.front() {
                                 if seq > a.seq { break; }
-                                inflight.pop_front();
+                                state.inflight.pop_front();
+                                inflight_count -= 1;
                                 inflight_bytes -= size;
                                 upto = seq;
                             }
                             if upto > 0 {
-                                let sp = self.spool.clone();
+                                let sp = self.lanes[i].spool.clone();
                                 tokio::task::spawn_blocking(move || sp.ack(upto)).await??;
                                 let mut st = lock(&self.status);
                                 st.last_ack = Some(SystemTime::now());
-                                st.acked_seq = upto;
+                                if i + 1 == self.lanes.len() {
+                                    st.acked_seq = upto;
+                                }
                             }
                         }
-                        Frame::Ack(a) => bail!("the relay acknowledged unknown stream {:?}", a.stream),
                         Frame::Ping(n) => protocol::write_frame(&mut wr, &Frame::Pong(n)).await?,
                         Frame::Pong(_) => {}
                         Frame::Error(e) => bail!("the relay closed the connection: {} ({:?})", e.message, e.code),
                         other => bail!("unexpected {:?} frame from the relay", other.frame_type()),
                     }
                 }
-                r = durable.changed() => { r.map_err(|_| anyhow!("spool closed"))?; }
+                _ = wake_rx.recv() => {}
                 _ = tick => {
                     let quiet = last_rx.elapsed();
                     if quiet > KEEPALIVE * 2 {
@@ -293,7 +346,7 @@ impl Shipper {
                         pinged = true;
                     }
                     if draining.is_some_and(|d| d.elapsed() > Duration::from_secs(3)) {
-                        tracing::info!("{} batches still unacknowledged at shutdown; they stay in the spool and are sent after the restart", inflight.len());
+                        tracing::info!("{inflight_count} batches still unacknowledged at shutdown; they stay in the spool and are sent after the restart");
                         return Ok(());
                     }
                 }
