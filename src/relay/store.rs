@@ -730,6 +730,41 @@ impl Store {
         Ok(AppendOutcome::Appended)
     }
 
+    /// Records that `seq` of `stream` was stored *outside* the log layout (an incident
+    /// record or bundle chunk the caller already wrote and fsynced): the dedupe
+    /// position moves with the next [`Store::commit`], nothing is appended. Gaps are
+    /// accepted (see [`Store::append_accepting_gap`]).
+    pub fn advance(
+        &mut self,
+        agent: &str,
+        stream: &str,
+        seq: u64,
+    ) -> Result<AppendOutcome, StoreError> {
+        validate_name(NameField::Agent, agent)?;
+        validate_name(NameField::Stream, stream)?;
+        if self.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        let current = self
+            .agents
+            .get(agent)
+            .and_then(|a| {
+                a.pending_seq
+                    .get(stream)
+                    .or_else(|| a.durable.streams.get(stream))
+            })
+            .copied()
+            .unwrap_or(0);
+        if seq <= current {
+            return Ok(AppendOutcome::Duplicate);
+        }
+        let a = self.agents.entry(agent.to_string()).or_default();
+        a.pending_seq.insert(stream.to_string(), seq);
+        self.dirty.insert(agent.to_string());
+        self.uncommitted += 1;
+        Ok(AppendOutcome::Appended)
+    }
+
     /// Where the next append to `key` goes; records an intent first (rule 1) when the
     /// file is not in the agent's state, or no longer has its recorded length (an
     /// operator moved it away while the relay ran): appending at the recorded offset
