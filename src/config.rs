@@ -104,6 +104,31 @@ pub struct AgentConfig {
     pub sources: Vec<SourceConfig>,
     pub spool: SpoolSettings,
     pub upstream: Option<UpstreamConfig>,
+    pub incident: IncidentSettings,
+}
+
+/// `[incident]`: what declaring an incident does (guideline 3.1, 4.1(二)7).
+#[derive(Debug, Clone)]
+pub struct IncidentSettings {
+    /// Levels whose declaration builds and ships an evidence bundle automatically.
+    pub auto_bundle_levels: Vec<u8>,
+    /// The bundle covers [discovered_at - window, now].
+    pub window: Duration,
+    /// Members that would make the bundle larger are left out (and listed).
+    pub max_bundle_size: u64,
+    /// Shown when the upstream is unreachable, e.g. the center's 24-hour phone line.
+    pub center_contact: Option<String>,
+}
+
+impl Default for IncidentSettings {
+    fn default() -> Self {
+        IncidentSettings {
+            auto_bundle_levels: vec![3, 4],
+            window: Duration::from_secs(72 * 3600),
+            max_bundle_size: 4 << 30,
+            center_contact: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -198,6 +223,16 @@ struct RawAgent {
     #[serde(default)]
     spool: RawSpool,
     upstream: Option<Spanned<RawUpstream>>,
+    incident: Option<RawIncident>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIncident {
+    auto_bundle_levels: Option<Spanned<Vec<i64>>>,
+    window: Option<HumanDuration>,
+    max_bundle_size: Option<Size>,
+    center_contact: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -416,10 +451,27 @@ pub fn parse_agent(text: &str) -> Result<AgentConfig, Vec<Problem>> {
     }
     let spool = spool_settings(raw.spool, &mut p);
     let upstream = raw.upstream.and_then(|u| upstream(u, &mut p));
+    let mut incident = IncidentSettings::default();
+    if let Some(i) = raw.incident {
+        if let Some(l) = i.auto_bundle_levels {
+            match l.get_ref().iter().map(|v| u8::try_from(*v)).collect::<Result<Vec<u8>, _>>() {
+                Ok(v) if v.iter().all(|x| (1..=4).contains(x)) => incident.auto_bundle_levels = v,
+                _ => p.at(l.span(), "incident.auto_bundle_levels must list levels 1 to 4"),
+            }
+        }
+        if let Some(w) = i.window {
+            incident.window = w.0;
+        }
+        if let Some(m) = i.max_bundle_size {
+            incident.max_bundle_size = m.0;
+        }
+        incident.center_contact = i.center_contact;
+    }
     if !p.list.is_empty() {
         return Err(p.list);
     }
     Ok(AgentConfig {
+        incident,
         id,
         host,
         state_dir: raw
