@@ -240,6 +240,14 @@ def proc_hwm(pid: int) -> int:
     return 0
 
 
+def rel(p: Path) -> str:
+    """A path as recorded in the results: relative to the repository when inside it."""
+    try:
+        return str(Path(p).resolve().relative_to(REPO))
+    except ValueError:
+        return str(p)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -551,7 +559,7 @@ def run_soclink(args, ctx, level: int, e2e: bool) -> dict:
     finally:
         stop(agent)
         stop(relay)
-    res["logs"] = str(d)
+    res["logs"] = rel(d)
     if "error" in res:
         res["verify"] = {"ok": False}
         return res
@@ -668,7 +676,7 @@ def run_rsyslog(args, ctx, mode: str) -> dict:
     finally:
         stop(send)
         stop(recv)
-    res["logs"] = str(d)
+    res["logs"] = rel(d)
     if res.get("tcp_bytes"):
         res["wire_per_input"] = res["tcp_bytes"] / size
     if out.exists():
@@ -889,7 +897,8 @@ def main() -> int:
     comp_txt = "\n".join(
         f"- {r['scenario']}: {r['cpu'] / (size / GB):.2f} CPU s/GB ({r['tool']}"
         + (f", ratio {r['ratio']:.3f}" if "ratio" in r else "") + ")" for r in comp)
-    cmd = " ".join([os.path.relpath(sys.argv[0]) if sys.argv[0] else "bench.py", *sys.argv[1:]])
+    # run.sh passes its own command line: that is what a reader can repeat.
+    cmd = os.environ.get("BENCH_CMD") or " ".join(["python3 bench/bench.py", *sys.argv[1:]])
     report = (f"soclink benchmark {started:%Y-%m-%d %H:%M} UTC — corpus {size:,} bytes, "
               f"{nlines:,} lines; {info['nproc']} CPUs ({info['cpu_model']}), kernel {info['kernel']}; "
               f"runs per scenario: {args.runs}\n\n{table}\n")
@@ -903,12 +912,12 @@ def main() -> int:
     out = args.results / f"{started:%Y-%m-%dT%H%MZ}.json"
     out.write_text(json.dumps({
         "started": started.isoformat(), "command": cmd, "machine": info,
-        "corpus": {"bytes": size, "lines": nlines, "path": str(corpus)},
+        "corpus": {"bytes": size, "lines": nlines, "path": rel(corpus)},
         "units": {"MB": "1e6 bytes", "GB": "1e9 bytes", "cpu": "user+system seconds of the process",
                   "rss": "VmHWM bytes"},
         "runs": args.runs, "results": results, "table_markdown": table, "ratios_markdown": ratios,
     }, indent=2, default=str))
-    print(f"JSON: {out}", file=sys.stderr)
+    print(f"JSON: {rel(out)}", file=sys.stderr)
     failed = [r["scenario"] for r in results if "verify" in r and not r["verify"].get("ok")]
     if failed:
         print(f"FAILED scenarios: {', '.join(failed)}", file=sys.stderr)

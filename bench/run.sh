@@ -9,4 +9,5 @@ if [ -z "${SOCLINK_BIN:-}" ]; then
     cargo build --release --quiet
     SOCLINK_BIN="$target/release/soclink"
 fi
+export BENCH_CMD="bench/run.sh $*"
 exec python3 bench/bench.py --soclink "$SOCLINK_BIN" "$@"
