@@ -738,6 +738,7 @@ def median_run(runs: list[dict]) -> dict:
     m["runs_ok"] = len(ok)
     if len(runs) > 1:
         m["seconds_all"] = [r.get("seconds") for r in runs]
+        m["loadavg_before_all"] = [r.get("loadavg_before") for r in runs]
     return m
 
 
@@ -881,7 +882,9 @@ def main() -> int:
         runs = []
         for i in range(args.runs):
             print(f"[{time.strftime('%H:%M:%S')}] {key} run {i + 1}/{args.runs} ...", file=sys.stderr)
+            load = open("/proc/loadavg").read().split()[:3]
             r = fn()
+            r["loadavg_before"] = load
             v = r.get("verify", {})
             print(f"    {r.get('seconds', 0):.1f}s  verified={v.get('ok')}"
                   + (f"  error={r['error']}" if "error" in r else "")
