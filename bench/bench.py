@@ -839,6 +839,9 @@ def main() -> int:
                          "batch of the finite corpus is not held for the default 1s)")
     ap.add_argument("--keep", action="store_true", help="keep stores, spools and rsyslog output")
     args = ap.parse_args()
+    # The agent's config needs absolute paths (and the watcher matches them exactly).
+    args.work = args.work.resolve()
+    args.results = args.results.resolve()
 
     if not os.access(args.soclink, os.X_OK):
         print(f"no soclink binary at {args.soclink} (cargo build --release, or --soclink PATH)",
