@@ -70,6 +70,15 @@ enum Cmd {
         #[arg(long, default_value_t = 20_000)]
         lines: u64,
     },
+    /// Measure the compression alone, as the agent does it (1 MiB batches, one gzip
+    /// member each), for the benchmark's baseline.
+    BenchCompress {
+        file: PathBuf,
+        #[arg(long, default_value_t = 6)]
+        level: u32,
+        #[arg(long, default_value_t = 1 << 20)]
+        batch_bytes: usize,
+    },
     /// Inspect the agent's on-disk spool.
     Spool {
         #[command(subcommand)]
@@ -223,6 +232,11 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::CheckConfig { config, kind } => check_config(&config, kind),
+        Cmd::BenchCompress {
+            file,
+            level,
+            batch_bytes,
+        } => bench_compress(&file, level, batch_bytes),
         Cmd::Spool {
             cmd:
                 SpoolCmd::Dump {
@@ -301,6 +315,35 @@ fn spool_dump(state_dir: &std::path::Path, batches: bool, all: bool) -> Result<E
     }
     out.flush()?;
     eprintln!("{} batches", records.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_compress(file: &std::path::Path, level: u32, batch_bytes: usize) -> Result<ExitCode> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let mut buf = vec![0u8; batch_bytes.max(1)];
+    let (mut raw, mut gz) = (0u64, 0u64);
+    let t = std::time::Instant::now();
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            let k = f.read(&mut buf[n..])?;
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        if n == 0 {
+            break;
+        }
+        raw += n as u64;
+        gz += soclink::agent::compress(&buf[..n], level).len() as u64;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "{{\"level\":{level},\"raw_bytes\":{raw},\"gzip_bytes\":{gz},\"seconds\":{secs:.3},\"mb_per_s\":{:.1}}}",
+        raw as f64 / secs / 1e6
+    );
     Ok(ExitCode::SUCCESS)
 }
 
