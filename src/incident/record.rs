@@ -70,14 +70,15 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Incident
     move |source| IncidentError::Io { what, path, source }
 }
 
-/// RFC 3339 timestamps in records and manifests (UTC, whole seconds).
+/// RFC 3339 timestamps in records and manifests (UTC, nanoseconds: a record read back
+/// equals the one written).
 pub mod rfc3339 {
     use std::time::SystemTime;
 
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&super::format_time(*t))
+        s.serialize_str(&humantime::format_rfc3339_nanos(*t).to_string())
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
@@ -93,7 +94,7 @@ pub mod rfc3339 {
 
         pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
             match t {
-                Some(t) => s.serialize_str(&super::super::format_time(*t)),
+                Some(t) => s.serialize_str(&humantime::format_rfc3339_nanos(*t).to_string()),
                 None => s.serialize_none(),
             }
         }
