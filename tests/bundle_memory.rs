@@ -34,10 +34,17 @@ fn sparse_log(path: &std::path::Path, size: u64) {
     let mut off = 0;
     while off + 4096 < size {
         w.seek(SeekFrom::Start(off)).unwrap();
-        writeln!(w, "{off:016x} sshd[42]: Failed password for root from 203.0.113.9").unwrap();
+        writeln!(
+            w,
+            "{off:016x} sshd[42]: Failed password for root from 203.0.113.9"
+        )
+        .unwrap();
         off += 4 << 20;
     }
-    w.into_inner().unwrap().set_modified(SystemTime::now()).unwrap();
+    w.into_inner()
+        .unwrap()
+        .set_modified(SystemTime::now())
+        .unwrap();
 }
 
 fn build_and_measure(size: u64) {

@@ -247,6 +247,7 @@ impl<R: Read> Read for ExactHashingReader<R> {
             return Ok(0);
         }
         let want = usize::try_from(self.remaining.min(buf.len() as u64)).unwrap_or(buf.len());
+        // want <= buf.len() by the min above.
         let dst = &mut buf[..want];
         let n = if self.inner_done {
             0
@@ -269,6 +270,7 @@ impl<R: Read> Read for ExactHashingReader<R> {
         } else {
             n
         };
+        // n <= dst.len(): a reader never reports more than it was given room for.
         self.hasher.update(&dst[..n]);
         self.remaining -= n as u64;
         Ok(n)
@@ -318,6 +320,7 @@ fn bound_name(name: String) -> String {
     while !name.is_char_boundary(cut) {
         cut -= 1;
     }
+    // cut < name.len() (name is longer than MAX_NAME_BYTES) and on a char boundary.
     format!("{}~{}", &name[..cut], digest.get(..16).unwrap_or(&digest))
 }
 
@@ -325,7 +328,6 @@ fn bound_name(name: String) -> String {
 struct Candidate {
     source: String,
     path: PathBuf,
-    size: u64,
     mtime: SystemTime,
 }
 
@@ -519,6 +521,15 @@ impl Writer {
         // The size is fixed now, from the open file: later growth is not evidence of the
         // window and would not match the header.
         let (size, mtime) = match file.metadata() {
+            // Replaced by something else since it was listed: a device or FIFO has no
+            // fixed size to copy.
+            Ok(m) if !m.is_file() => {
+                self.error(
+                    format!("opening {shown}"),
+                    "no longer a regular file".into(),
+                );
+                return Ok(());
+            }
             Ok(m) => (m.len(), m.modified().unwrap_or(c.mtime)),
             Err(e) => {
                 self.error(format!("stat {shown}"), e.to_string());
@@ -743,6 +754,7 @@ fn spool_command(mut cmd: Command, out: File, limit: u64) -> Result<(File, Spool
                 stats.over_budget = true;
                 break;
             }
+            // n <= buf.len(): read never reports more than the buffer.
             let chunk = &buf[..n];
             scanner.feed(chunk, &mut stats);
             if let Err(e) = w.write_all(chunk) {
@@ -818,7 +830,7 @@ pub fn build_bundle(
         left_out: Vec::new(),
         errors: Vec::new(),
     };
-    let result = fill(&mut w, incident, inputs, window_from, now, dir);
+    let result = fill(&mut w, inputs, window_from, dir);
     let result = result.and_then(|()| finish(w, incident, inputs, window_from, now, max_size));
     let (manifest_sha256, members, left_out, errors) = match result {
         Ok(v) => v,
@@ -851,13 +863,10 @@ pub fn build_bundle(
 
 fn fill(
     w: &mut Writer,
-    incident: &Incident,
     inputs: &BundleInputs,
     window_from: SystemTime,
-    now: SystemTime,
     scratch_dir: &Path,
 ) -> Result<(), BundleError> {
-    let _ = (incident, now);
     // Host facts first: small, and what every analyst reads first.
     if inputs.host_facts {
         for fact in hostfacts::gather() {
@@ -917,14 +926,12 @@ fn fill(
             candidates.push(Candidate {
                 source: src.name.clone(),
                 path,
-                size: meta.len(),
                 mtime,
             });
         }
     }
     candidates.sort_by(|a, b| b.mtime.cmp(&a.mtime).then(a.path.cmp(&b.path)));
     for c in &candidates {
-        let _ = c.size;
         w.add_file(c)?;
     }
     Ok(())

@@ -353,15 +353,15 @@ pub fn read_details(path: &Path) -> Result<String, IncidentError> {
 /// An id is safe when it is exactly what [`IncidentStore::declare`] makes.
 pub fn is_valid_id(id: &str) -> bool {
     let b = id.as_bytes();
+    let all =
+        |r: std::ops::Range<usize>, ok: fn(&u8) -> bool| b.get(r).is_some_and(|s| s.iter().all(ok));
     b.len() == 22
         && id.starts_with("INC-")
-        && b[4..12].iter().all(u8::is_ascii_digit)
-        && b[12] == b'-'
-        && b[13..17].iter().all(u8::is_ascii_digit)
-        && b[17] == b'-'
-        && b[18..22]
-            .iter()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+        && all(4..12, u8::is_ascii_digit)
+        && b.get(12) == Some(&b'-')
+        && all(13..17, u8::is_ascii_digit)
+        && b.get(17) == Some(&b'-')
+        && all(18..22, |c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
 }
 
 /// Incident records under `<state_dir>/incidents/`.
@@ -742,7 +742,7 @@ pub fn render_list(incidents: &[Incident], now: SystemTime, link: &LinkStatus) -
     let _ = writeln!(
         out,
         "{:<22}  {:<5}  {:<20}  {:<14}  STATUS",
-        "ID", "LEVEL", "DECLARED", "BUNDLE"
+        "ID", "LEVEL", "DECLARED", "BUNDLE/MEMBERS"
     );
     for inc in incidents {
         let bundle = match &inc.bundle {

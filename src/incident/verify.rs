@@ -260,6 +260,7 @@ fn scan(reader: &mut impl Read, limits: VerifyLimits) -> Result<VerifyReport, Ve
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(corrupt(format!("{name}: {e}"))),
             };
+            // n <= buf.len(): read never reports more than the buffer.
             hasher.update(&buf[..n]);
             size += n as u64;
         }
