@@ -275,3 +275,44 @@ fn garbage_is_not_a_bundle() {
     .unwrap();
     assert_eq!(code, ExitCode::from(1));
 }
+
+#[test]
+fn trailing_data_after_the_archive_is_refused() {
+    use std::io::Write;
+    let dir = tempdir();
+    let (p, members) = good(dir.path());
+    // A second gzip member appended to a good bundle.
+    let extra = dir.path().join("extra.tar.gz");
+    write_members(&extra, &members[..1].to_vec());
+    let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+    f.write_all(&std::fs::read(&extra).unwrap()).unwrap();
+    drop(f);
+    let err = verify_bundle(&p).unwrap_err();
+    assert!(matches!(err, VerifyError::Trailing(_)), "{err}");
+}
+
+#[test]
+fn rotated_sibling_rule_does_not_take_unrelated_files() {
+    let dir = tempdir();
+    let (_store, inc) = declare(&dir.path().join("state"), 3, false);
+    let logs = dir.path().join("logs");
+    for name in ["app", "app.1", "app-2", "application.log", "apple"] {
+        write_file(&logs.join(name), name.as_bytes(), SystemTime::now());
+    }
+    let mut inputs = BundleInputs::new("agent-7", "web-01");
+    inputs.host_facts = false;
+    inputs.file_sources = vec![FileSourceInput {
+        name: "s".into(),
+        include: vec![format!("{}/app", logs.display())],
+        exclude: vec![],
+    }];
+    let out = dir.path().join("s.tar.gz");
+    build_bundle(&out, &inc, &inputs, HOUR, 1 << 30).unwrap();
+    let mut names: Vec<String> = manifest(&out)
+        .members
+        .iter()
+        .map(|m| m.path.rsplit('/').next().unwrap().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["app", "app-2", "app.1"]);
+}

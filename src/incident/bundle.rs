@@ -331,8 +331,9 @@ struct Candidate {
     mtime: SystemTime,
 }
 
-/// Rotated siblings of `path`: same directory, name starting with its file name
-/// (`app.log.1`, `app.log.2.gz`, `app.log-20261125`), regular files only.
+/// Rotated siblings of `path`: same directory, name starting with its file name and
+/// then `.`, `-` or `_` (`app.log.1`, `app.log.2.gz`, `app.log-20261125`; not
+/// `app.logger`), regular files only (a symlink could point anywhere).
 fn rotated_siblings(path: &Path) -> Vec<PathBuf> {
     let (Some(dir), Some(base)) = (path.parent(), path.file_name()) else {
         return Vec::new();
@@ -350,7 +351,9 @@ fn rotated_siblings(path: &Path) -> Vec<PathBuf> {
         .filter(|e| {
             let n = e.file_name();
             let n = n.as_encoded_bytes();
-            n.len() > base.len() && n.starts_with(base)
+            n.len() > base.len()
+                && n.starts_with(base)
+                && matches!(n.get(base.len()), Some(b'.' | b'-' | b'_'))
         })
         .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
         .map(|e| e.path())

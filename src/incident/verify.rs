@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use flate2::read::GzDecoder;
+use flate2::bufread::GzDecoder;
 use sha2::{Digest, Sha256};
 
 use super::bundle::Manifest;
@@ -68,6 +68,8 @@ pub enum VerifyError {
     TooLarge { limit: u64 },
     #[error("more than {limit} members")]
     TooManyMembers { limit: u64 },
+    #[error("{0}: a bundle holds nothing outside its archive")]
+    Trailing(&'static str),
     #[error("no manifest.json in the bundle")]
     ManifestMissing,
     #[error("member {member:?} comes after manifest.json (the manifest must be last)")]
@@ -162,13 +164,38 @@ pub fn verify_bundle_with(path: &Path, limits: VerifyLimits) -> Result<VerifyRep
         limit: limits.max_decompressed,
         tripped: false,
     };
-    let result = scan(&mut limited, limits);
+    let result = scan(&mut limited, limits).and_then(|r| no_trailing(&mut limited).map(|()| r));
     if limited.tripped {
         return Err(VerifyError::TooLarge {
             limit: limits.max_decompressed,
         });
     }
     result
+}
+
+/// Nothing may hide after the archive: the rest of the gzip member must be tar padding
+/// (zeros), and no second gzip member or other bytes may follow it.
+fn no_trailing(limited: &mut Limited<GzDecoder<BufReader<File>>>) -> Result<(), VerifyError> {
+    let mut rest = [0u8; 8192];
+    loop {
+        let n = limited.read(&mut rest).map_err(corrupt)?;
+        if n == 0 {
+            break;
+        }
+        // n <= rest.len(): read never reports more than the buffer.
+        if rest[..n].iter().any(|&b| b != 0) {
+            return Err(VerifyError::Trailing(
+                "data after the end of the tar archive",
+            ));
+        }
+    }
+    let file = limited.inner.get_mut();
+    if !io::BufRead::fill_buf(file).map_err(corrupt)?.is_empty() {
+        return Err(VerifyError::Trailing(
+            "bytes after the end of the gzip stream",
+        ));
+    }
+    Ok(())
 }
 
 struct Seen {
