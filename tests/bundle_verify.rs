@@ -283,7 +283,7 @@ fn trailing_data_after_the_archive_is_refused() {
     let (p, members) = good(dir.path());
     // A second gzip member appended to a good bundle.
     let extra = dir.path().join("extra.tar.gz");
-    write_members(&extra, &members[..1].to_vec());
+    write_members(&extra, &members[..1]);
     let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
     f.write_all(&std::fs::read(&extra).unwrap()).unwrap();
     drop(f);
