@@ -41,8 +41,15 @@ use super::record::{Incident, format_time, rfc3339};
 use super::{MANIFEST_NAME, MAX_MANIFEST_BYTES, MAX_MEMBERS, MAX_NAME_BYTES, hex, hostfacts};
 use crate::config::{AgentConfig, SourceKind};
 
-/// Room kept for the manifest below the cap (it is written last, whatever happens).
-const MANIFEST_RESERVE: u64 = 1 << 20;
+/// Smallest cap accepted: room for the manifest and a few small members.
+const MIN_CAP: u64 = 1 << 20;
+/// Most left-out or error entries listed one by one; beyond, they are counted.
+const MAX_LISTED: usize = 10_000;
+/// Members stop being admitted when the manifest estimate reaches the manifest limit
+/// less this, so the left-out list that follows still fits.
+const MANIFEST_MEMBERS_SLACK: u64 = 1 << 20;
+/// Listing stops this far below the manifest limit (room for the closing counts).
+const MANIFEST_LIST_SLACK: u64 = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -386,6 +393,12 @@ struct Writer {
     manifest_members: Vec<ManifestMember>,
     left_out: Vec<LeftOut>,
     errors: Vec<BundleProblem>,
+    /// An upper bound on the manifest's size so far (pretty JSON, worst-case escaping):
+    /// it is charged against the cap, and keeps the manifest under MAX_MANIFEST_BYTES.
+    manifest_est: u64,
+    /// Left-out and error entries past MAX_LISTED (or the manifest limit): counted only.
+    left_out_more: u64,
+    errors_more: u64,
 }
 
 /// Bytes a member of `size` with name `name` takes in the tar stream.
@@ -415,33 +428,65 @@ impl Writer {
         name
     }
 
-    /// Whether a member fits; if not, record it as left out and log it.
-    fn admit(&mut self, name: &str, size: u64) -> bool {
+    /// Whether a member fits (with its manifest entry, and the manifest itself, under
+    /// the cap); if not, record it as left out and log it. `extra` is the length of the
+    /// other strings its manifest entry carries (original path, source).
+    fn admit(&mut self, name: &str, size: u64, extra: usize) -> bool {
         if self.manifest_members.len() as u64 >= MAX_MEMBERS - 1 {
             self.leave_out(
                 name,
                 Some(size),
                 format!("member count limit {MAX_MEMBERS} reached"),
+                true,
             );
             return false;
         }
-        let cost = tar_cost(name, size);
-        if self.written.saturating_add(cost) > self.budget {
+        let entry = 768 + 2 * name.len() as u64 + 6 * extra as u64;
+        let manifest = self.manifest_est + entry;
+        if manifest > MAX_MANIFEST_BYTES - MANIFEST_MEMBERS_SLACK {
+            self.leave_out(
+                name,
+                Some(size),
+                format!("manifest size limit {MAX_MANIFEST_BYTES} reached"),
+                true,
+            );
+            return false;
+        }
+        let total = self
+            .written
+            .saturating_add(tar_cost(name, size))
+            .saturating_add(tar_cost(MANIFEST_NAME, manifest));
+        if total > self.budget {
             self.leave_out(
                 name,
                 Some(size),
                 format!("bundle size cap {} reached", self.cap),
+                true,
             );
             return false;
         }
+        self.manifest_est = manifest;
         true
     }
 
-    fn leave_out(&mut self, path: &str, size: Option<u64>, reason: String) {
-        match size {
-            Some(s) => tracing::warn!(path, size = s, %reason, "evidence bundle: left out"),
-            None => tracing::warn!(path, %reason, "evidence bundle: left out"),
+    /// Whether another list entry of `cost` bytes may still go into the manifest.
+    fn may_list(&self, listed: usize, cost: u64) -> bool {
+        listed < MAX_LISTED && self.manifest_est + cost <= MAX_MANIFEST_BYTES - MANIFEST_LIST_SLACK
+    }
+
+    fn leave_out(&mut self, path: &str, size: Option<u64>, reason: String, loud: bool) {
+        if loud {
+            match size {
+                Some(s) => tracing::warn!(path, size = s, %reason, "evidence bundle: left out"),
+                None => tracing::warn!(path, %reason, "evidence bundle: left out"),
+            }
         }
+        let cost = 256 + 6 * path.len() as u64 + 6 * reason.len() as u64;
+        if !self.may_list(self.left_out.len(), cost) {
+            self.left_out_more += 1;
+            return;
+        }
+        self.manifest_est += cost;
         self.left_out.push(LeftOut {
             path: path.to_string(),
             size,
@@ -451,6 +496,12 @@ impl Writer {
 
     fn error(&mut self, what: String, error: String) {
         tracing::warn!(%what, %error, "evidence bundle");
+        let cost = 256 + 6 * what.len() as u64 + 6 * error.len() as u64;
+        if !self.may_list(self.errors.len(), cost) {
+            self.errors_more += 1;
+            return;
+        }
+        self.manifest_est += cost;
         self.errors.push(BundleProblem { what, error });
     }
 
@@ -488,7 +539,7 @@ impl Writer {
         kind: MemberKind,
     ) -> Result<(), BundleError> {
         let name = self.unique_name(name);
-        if !self.admit(&name, bytes.len() as u64) {
+        if !self.admit(&name, bytes.len() as u64, 0) {
             return Ok(());
         }
         let (sha, _, _) = self.append(&name, bytes.len() as u64, SystemTime::now(), bytes)?;
@@ -539,7 +590,7 @@ impl Writer {
                 return Ok(());
             }
         };
-        if !self.admit(&name, size) {
+        if !self.admit(&name, size, shown.len() + c.source.len()) {
             return Ok(());
         }
         let (sha, zero_filled, err) = self.append(&name, size, mtime, file.take(size))?;
@@ -581,9 +632,11 @@ impl Writer {
         // Tar needs a member's size before its data, and journalctl's output size is
         // unknown until it ends: spool it to a scratch file (disk, not memory), bounded
         // by what is left of the budget.
-        let room = self
-            .budget
-            .saturating_sub(self.written.saturating_add(tar_cost(&name, 0)));
+        let room = self.budget.saturating_sub(
+            self.written
+                .saturating_add(tar_cost(&name, 0))
+                .saturating_add(tar_cost(MANIFEST_NAME, self.manifest_est + 4096)),
+        );
         let scratch = match tempfile::tempfile_in(scratch_dir) {
             Ok(f) => f,
             Err(e) => {
@@ -624,6 +677,7 @@ impl Writer {
                     "journal export larger than the {} bytes left — bundle size cap {} reached",
                     room, self.cap
                 ),
+                true,
             );
             return Ok(());
         }
@@ -631,7 +685,8 @@ impl Writer {
             self.error(format!("journal {}", src.name), e.to_string());
             return Ok(());
         }
-        if !self.admit(&name, stats.bytes) {
+        let extra = src.name.len() + src.directory.as_ref().map_or(0, |d| d.as_os_str().len());
+        if !self.admit(&name, stats.bytes, extra) {
             return Ok(());
         }
         let (sha, _, _) = self.append(&name, stats.bytes, SystemTime::now(), scratch)?;
@@ -795,9 +850,11 @@ pub fn build_bundle(
     window: Duration,
     max_size: u64,
 ) -> Result<BundleSummary, BundleError> {
-    let min = MANIFEST_RESERVE * 2;
-    if max_size < min {
-        return Err(BundleError::CapTooSmall { cap: max_size, min });
+    if max_size < MIN_CAP {
+        return Err(BundleError::CapTooSmall {
+            cap: max_size,
+            min: MIN_CAP,
+        });
     }
     let now = inputs.now.unwrap_or_else(SystemTime::now);
     let window_from = incident
@@ -820,8 +877,13 @@ pub fn build_bundle(
     );
     let mut tar = tar::Builder::new(gz);
     tar.mode(tar::HeaderMode::Deterministic);
-    // gzip can grow incompressible data by ~0.03%: keep that much headroom too.
-    let budget = max_size - MANIFEST_RESERVE - max_size / 1000;
+    // gzip can grow incompressible data by ~0.03%: keep that much headroom.
+    let budget = max_size - max_size / 1000;
+    // The fixed part of the manifest: the incident record (details escaped at worst)
+    // plus agent identity, window and framing.
+    let fixed = serde_json::to_vec_pretty(incident).map_or(0, |v| v.len() as u64)
+        + 6 * (inputs.agent_id.len() + inputs.host.len() + inputs.agent_version.len()) as u64
+        + 16 * 1024;
     let mut w = Writer {
         tar,
         tmp_path: tmp_path.clone(),
@@ -832,6 +894,9 @@ pub fn build_bundle(
         manifest_members: Vec::new(),
         left_out: Vec::new(),
         errors: Vec::new(),
+        manifest_est: fixed,
+        left_out_more: 0,
+        errors_more: 0,
     };
     let result = fill(&mut w, inputs, window_from, dir);
     let result = result.and_then(|()| finish(w, incident, inputs, window_from, now, max_size));
@@ -915,15 +980,12 @@ fn fill(
             }
             let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
             if mtime < window_from {
-                w.left_out.push(LeftOut {
-                    path: path.display().to_string(),
-                    size: Some(meta.len()),
-                    reason: format!(
-                        "last modified {} — before the window (from {})",
-                        format_time(mtime),
-                        format_time(window_from)
-                    ),
-                });
+                let reason = format!(
+                    "last modified {} — before the window (from {})",
+                    format_time(mtime),
+                    format_time(window_from)
+                );
+                w.leave_out(&path.display().to_string(), Some(meta.len()), reason, false);
                 continue;
             }
             candidates.push(Candidate {
@@ -949,8 +1011,24 @@ fn finish(
     cap: u64,
 ) -> Result<(String, u64, u64, u64), BundleError> {
     let members = w.manifest_members.len() as u64;
-    let left_out = w.left_out.len() as u64;
-    let errors = w.errors.len() as u64;
+    let left_out = w.left_out.len() as u64 + w.left_out_more;
+    let errors = w.errors.len() as u64 + w.errors_more;
+    if w.left_out_more > 0 {
+        w.left_out.push(LeftOut {
+            path: "...".into(),
+            size: None,
+            reason: format!(
+                "{} more left out (list cut at {MAX_LISTED})",
+                w.left_out_more
+            ),
+        });
+    }
+    if w.errors_more > 0 {
+        w.errors.push(BundleProblem {
+            what: "...".into(),
+            error: format!("{} more errors (list cut at {MAX_LISTED})", w.errors_more),
+        });
+    }
     let manifest = Manifest {
         format: FORMAT.to_string(),
         created_at: SystemTime::now(),
