@@ -410,3 +410,95 @@ fn hostile_file_names_become_safe_member_names() {
     assert!(!name.starts_with('/'));
     verify_bundle(&out).unwrap();
 }
+
+#[test]
+fn a_file_growing_during_the_build_is_cut_at_its_size_when_opened() {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempdir();
+    let (_store, inc) = declare(&dir.path().join("state"), 3, false);
+    let logs = dir.path().join("logs");
+    let path = logs.join("busy.log");
+    let line = b"2026-11-26T01:00:00Z sshd[1]: Failed password for root from 198.51.100.7\n";
+    let initial: Vec<u8> = line
+        .iter()
+        .copied()
+        .cycle()
+        .take(line.len() * 200_000)
+        .collect();
+    write_file(&path, &initial, SystemTime::now());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, path) = (stop.clone(), path.clone());
+        std::thread::spawn(move || {
+            let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                f.write_all(line).unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut inputs = BundleInputs::new("agent-7", "web-01");
+    inputs.host_facts = false;
+    inputs.file_sources = vec![FileSourceInput {
+        name: "busy".into(),
+        include: vec![format!("{}", path.display())],
+        exclude: vec![],
+    }];
+    let out = dir.path().join("busy.tar.gz");
+    build_bundle(&out, &inc, &inputs, HOUR, 1 << 30).unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let appended = writer.join().unwrap();
+    // The archive is well formed and matches its manifest whatever the writer did.
+    verify_bundle(&out).unwrap();
+    let m = manifest(&out);
+    let member = &m.members[0];
+    let data = &read_members(&out)[0].2;
+    assert_eq!(data.len() as u64, member.size);
+    assert!(member.size >= initial.len() as u64);
+    let now = fs::read(&path).unwrap();
+    assert_eq!(
+        &now[..data.len()],
+        &data[..],
+        "member is a prefix of the file"
+    );
+    assert!(now.len() as u64 >= member.size);
+    eprintln!(
+        "{} bytes at open, {} in the member, {} lines appended meanwhile",
+        initial.len(),
+        member.size,
+        appended
+    );
+}
+
+#[test]
+fn thousands_of_left_out_files_are_counted_not_listed_without_end() {
+    let dir = tempdir();
+    let (_store, inc) = declare(&dir.path().join("state"), 3, false);
+    let logs = dir.path().join("logs");
+    let old = SystemTime::now() - 200 * HOUR;
+    for i in 0..10_050 {
+        write_file(&logs.join(format!("f{i:05}.log")), b"x\n", old);
+    }
+    let mut inputs = BundleInputs::new("agent-7", "web-01");
+    inputs.host_facts = false;
+    inputs.file_sources = vec![FileSourceInput {
+        name: "many".into(),
+        include: vec![format!("{}/*.log", logs.display())],
+        exclude: vec![],
+    }];
+    let out = dir.path().join("many.tar.gz");
+    let summary = build_bundle(&out, &inc, &inputs, 72 * HOUR, 1 << 30).unwrap();
+    assert_eq!(summary.members, 0);
+    assert_eq!(summary.left_out, 10_050);
+    let m = manifest(&out);
+    assert_eq!(m.left_out.len(), 10_001);
+    assert_eq!(
+        m.left_out.last().unwrap().reason,
+        "50 more left out (list cut at 10000)"
+    );
+    verify_bundle(&out).unwrap();
+}

@@ -25,7 +25,8 @@
 //! written; a member that would push the bundle past its cap is left out and named in
 //! the manifest; the output appears at its path only once complete (temp + rename).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Component, Path, PathBuf};
@@ -338,35 +339,53 @@ struct Candidate {
     mtime: SystemTime,
 }
 
-/// Rotated siblings of `path`: same directory, name starting with its file name and
-/// then `.`, `-` or `_` (`app.log.1`, `app.log.2.gz`, `app.log-20261125`; not
-/// `app.logger`), regular files only (a symlink could point anywhere).
-fn rotated_siblings(path: &Path) -> Vec<PathBuf> {
-    let (Some(dir), Some(base)) = (path.parent(), path.file_name()) else {
-        return Vec::new();
-    };
-    let base = base.as_encoded_bytes();
-    let Ok(entries) = fs::read_dir(if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    }) else {
-        return Vec::new();
-    };
-    let mut out: Vec<PathBuf> = entries
-        .flatten()
-        .filter(|e| {
-            let n = e.file_name();
-            let n = n.as_encoded_bytes();
-            n.len() > base.len()
-                && n.starts_with(base)
-                && matches!(n.get(base.len()), Some(b'.' | b'-' | b'_'))
-        })
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .map(|e| e.path())
-        .collect();
-    out.sort();
-    out
+/// Regular files of each directory seen, names sorted: listed once per directory, so
+/// finding the rotations of every file in a folder of thousands stays O(n log n).
+#[derive(Default)]
+struct DirListings(HashMap<PathBuf, Vec<OsString>>);
+
+impl DirListings {
+    /// Rotated siblings of `path`: same directory, name starting with its file name and
+    /// then `.`, `-` or `_` (`app.log.1`, `app.log.2.gz`, `app.log-20261125`; not
+    /// `app.logger`), regular files only (a symlink could point anywhere).
+    fn rotated_siblings(&mut self, path: &Path) -> Vec<PathBuf> {
+        let (Some(dir), Some(base)) = (path.parent(), path.file_name()) else {
+            return Vec::new();
+        };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let names = self.0.entry(dir.to_path_buf()).or_insert_with(|| {
+            let mut v: Vec<OsString> = fs::read_dir(dir)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                        .map(|e| e.file_name())
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.sort();
+            v
+        });
+        let base = base.as_encoded_bytes();
+        let start = names.partition_point(|n| n.as_encoded_bytes() <= base);
+        names
+            .get(start..)
+            .unwrap_or_default()
+            .iter()
+            .take_while(|n| n.as_encoded_bytes().starts_with(base))
+            .filter(|n| {
+                matches!(
+                    n.as_encoded_bytes().get(base.len()),
+                    Some(b'.' | b'-' | b'_')
+                )
+            })
+            .map(|n| dir.join(n))
+            .collect()
+    }
 }
 
 fn is_excluded(path: &Path, exclude: &[glob::Pattern]) -> bool {
@@ -952,10 +971,11 @@ fn fill(
     // Files: newest first, so under the cap the most recent evidence is kept.
     let mut seen_inodes = HashSet::new();
     let mut candidates = Vec::new();
+    let mut listings = DirListings::default();
     for src in &inputs.file_sources {
         let mut paths = Vec::new();
         for p in crate::sources::file::expand(&src.include, &src.exclude) {
-            let siblings = rotated_siblings(&p);
+            let siblings = listings.rotated_siblings(&p);
             paths.push(p);
             paths.extend(
                 siblings
