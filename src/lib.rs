@@ -14,6 +14,7 @@
 //! - [`certs`]: throwaway development certificates (`soclink certs dev`).
 //! - [`ship`]: the agent side of the link: window, acknowledgements, reconnects.
 //! - [`relay`]: the receiving end: TLS server, dedupe, durable store.
+//! - [`incident`]: incident records and deadlines, evidence bundles, bundle verification.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -22,6 +23,7 @@ pub mod certs;
 pub mod config;
 pub mod demo;
 pub mod event;
+pub mod incident;
 pub mod protocol;
 pub mod relay;
 pub mod ship;

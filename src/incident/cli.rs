@@ -1,0 +1,254 @@
+//! Command-line arguments and entry points for `soclink incident ...` and
+//! `soclink bundle verify`, so main.rs only wires them:
+//!
+//! ```text
+//! Cmd::Incident(a) => soclink::incident::cli::run_incident(&a, &settings, &link),
+//! Cmd::Bundle(a) => soclink::incident::cli::run_bundle(&a),
+//! ```
+//!
+//! Exit codes follow main.rs: 0 success, 1 failure (including a bundle that does not
+//! verify), 2 invalid configuration or usage.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+
+use super::bundle::{BundleInputs, build_bundle};
+use super::record::{
+    DeclareRequest, IncidentError, IncidentStore, LinkStatus, format_time, parse_time,
+    read_details, render_list, render_show,
+};
+use super::verify::verify_bundle;
+use super::{IncidentSettings, needs_bundle};
+
+/// `soclink incident`.
+#[derive(Debug, Args)]
+pub struct IncidentArgs {
+    /// Agent configuration file (for its state_dir, identity and sources).
+    #[arg(short, long, global = true, default_value = "/etc/soclink/agent.toml")]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub cmd: IncidentCmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IncidentCmd {
+    /// Record a security incident (guideline 3.1(二): report within 1 hour of
+    /// discovery). Levels in auto_bundle_levels (default 3 and 4) also build an
+    /// evidence bundle of the logs around it.
+    Declare(DeclareArgs),
+    /// List incidents with their 1-hour deadline and delivery status.
+    List,
+    /// Show one incident: record, bundle and timeline.
+    Show {
+        /// Incident id, e.g. INC-20261126-0001-a3f9.
+        id: String,
+    },
+    /// Close an incident with its closing report (guideline 4.1(三)4).
+    Close(CloseArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeclareArgs {
+    /// Impact level, 1 (least) to 4 (most severe).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=4))]
+    pub level: u8,
+    /// One-line summary.
+    #[arg(long)]
+    pub summary: String,
+    /// When the incident was discovered, RFC 3339 (e.g. 2026-11-26T09:30:00+08:00);
+    /// default now. The deadline is one hour after it.
+    #[arg(long)]
+    pub discovered_at: Option<String>,
+    /// A text file with the details (at most 64 KiB).
+    #[arg(long)]
+    pub details: Option<PathBuf>,
+    /// Ask the center for support.
+    #[arg(long)]
+    pub support_requested: bool,
+    /// Other agencies are affected.
+    #[arg(long)]
+    pub affects_other_agencies: bool,
+    /// Critical infrastructure is affected.
+    #[arg(long)]
+    pub affects_critical_infrastructure: bool,
+    /// A reporting drill (guideline 5.2): marked as a drill everywhere.
+    #[arg(long)]
+    pub drill: bool,
+    /// Do not build an evidence bundle even for level 3 or 4.
+    #[arg(long)]
+    pub no_bundle: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CloseArgs {
+    pub id: String,
+    /// The closing report (history, damage, impact, measures).
+    #[arg(long)]
+    pub report: PathBuf,
+    /// When service was recovered, RFC 3339; default now.
+    #[arg(long)]
+    pub recovered_at: Option<String>,
+}
+
+/// `soclink bundle`.
+#[derive(Debug, Args)]
+pub struct BundleArgs {
+    #[command(subcommand)]
+    pub cmd: BundleCmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCmd {
+    /// Check an evidence bundle: safe archive, manifest last, every member's size and
+    /// SHA-256 as the manifest says. Needs nothing but the file.
+    Verify { file: PathBuf },
+}
+
+fn usage(e: IncidentError) -> Result<ExitCode> {
+    eprintln!("error: {e}");
+    Ok(ExitCode::from(2))
+}
+
+/// Run `soclink incident ...`. `settings` come from the agent configuration; `link`
+/// says whether the upstream is down (from the running agent, when known).
+pub fn run_incident(
+    args: &IncidentArgs,
+    settings: &IncidentSettings,
+    link: &LinkStatus,
+) -> Result<ExitCode> {
+    let cfg = match crate::config::load_agent(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let store = IncidentStore::open(&cfg.state_dir)?;
+    let now = SystemTime::now();
+    let mut out = std::io::stdout().lock();
+    match &args.cmd {
+        IncidentCmd::List => {
+            write!(out, "{}", render_list(&store.list()?, now, link))?;
+        }
+        IncidentCmd::Show { id } => match store.get(id) {
+            Ok(inc) => write!(out, "{}", render_show(&inc, now, link))?,
+            Err(e @ (IncidentError::NotFound(_) | IncidentError::BadId(_))) => return usage(e),
+            Err(e) => return Err(e.into()),
+        },
+        IncidentCmd::Declare(d) => {
+            let mut req = DeclareRequest::new(d.level, d.summary.clone());
+            req.discovered_at = match d.discovered_at.as_deref().map(parse_time).transpose() {
+                Ok(t) => t,
+                Err(e) => return usage(e),
+            };
+            if let Some(p) = &d.details {
+                req.details = match read_details(p) {
+                    Ok(t) => t,
+                    Err(e) => return usage(e),
+                };
+            }
+            req.support_requested = d.support_requested;
+            req.affects_other_agencies = d.affects_other_agencies;
+            req.affects_critical_infrastructure = d.affects_critical_infrastructure;
+            req.drill = d.drill;
+            let inc = match store.declare(req, &cfg.id, &cfg.host) {
+                Ok(i) => i,
+                Err(e @ (IncidentError::Invalid(_) | IncidentError::InvalidLevel(_))) => {
+                    return usage(e);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            writeln!(
+                out,
+                "declared {}{} (level {}), {}",
+                inc.id,
+                if inc.drill { " [DRILL]" } else { "" },
+                inc.level,
+                inc.deadline_text(now)
+            )?;
+            if needs_bundle(inc.level, &settings.auto_bundle_levels) && !d.no_bundle {
+                let path = store.bundle_path(&inc.id)?;
+                let inputs = BundleInputs::from_config(&cfg);
+                let summary = build_bundle(
+                    &path,
+                    &inc,
+                    &inputs,
+                    settings.window,
+                    settings.max_bundle_size,
+                )
+                .with_context(|| format!("building the evidence bundle of {}", inc.id))?;
+                store.record_bundle(&inc.id, &summary)?;
+                writeln!(
+                    out,
+                    "evidence bundle {} ({} bytes, {} members, {} left out, {} errors)\nmanifest sha256 {}",
+                    summary.path.display(),
+                    summary.size,
+                    summary.members,
+                    summary.left_out,
+                    summary.errors,
+                    summary.manifest_sha256
+                )?;
+            }
+            if let Some(since) = link.upstream_down_since {
+                writeln!(
+                    out,
+                    "UPSTREAM DOWN since {}: the incident is recorded on disk and NOT yet delivered; report by other means now{}",
+                    format_time(since),
+                    link.center_contact
+                        .as_deref()
+                        .map(|c| format!(": {c}"))
+                        .unwrap_or_default()
+                )?;
+            }
+        }
+        IncidentCmd::Close(c) => {
+            let recovered_at = match c.recovered_at.as_deref().map(parse_time).transpose() {
+                Ok(t) => t.unwrap_or(now),
+                Err(e) => return usage(e),
+            };
+            match store.close(&c.id, &c.report, recovered_at) {
+                Ok(inc) => writeln!(out, "closed {}", inc.id)?,
+                Err(
+                    e @ (IncidentError::NotFound(_)
+                    | IncidentError::BadId(_)
+                    | IncidentError::AlreadyClosed(_)
+                    | IncidentError::Invalid(_)),
+                ) => return usage(e),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Run `soclink bundle ...`: exit 0 when the bundle verifies, 1 (naming the member)
+/// when it does not.
+pub fn run_bundle(args: &BundleArgs) -> Result<ExitCode> {
+    match &args.cmd {
+        BundleCmd::Verify { file } => match verify_bundle(file) {
+            Ok(r) => {
+                println!(
+                    "OK {}: incident {}{}, {} members ({} bytes) match the manifest (sha256 {}); {} left out, {} errors recorded at build time",
+                    file.display(),
+                    r.incident_id,
+                    if r.drill { " [DRILL]" } else { "" },
+                    r.members,
+                    r.bytes,
+                    r.manifest_sha256,
+                    r.left_out,
+                    r.errors
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("FAILED {}: {e}", file.display());
+                Ok(ExitCode::from(1))
+            }
+        },
+    }
+}
