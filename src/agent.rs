@@ -27,7 +27,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::BatchMeta;
 use crate::config::{AgentConfig, SourceKind, SyslogSourceConfig};
-use crate::ship::Shipper;
+use crate::incident::bundle::BundleInputs;
+use crate::incident::outbox::{Outbox, PRIORITY_STREAM};
+use crate::ship::{Lane, Shipper};
 use crate::sources::SealedBatch;
 use crate::sources::checkpoint::{Checkpoints, FilePos};
 use crate::sources::file::{BatchLimits, FileSource, SourceStats};
@@ -63,6 +65,8 @@ pub struct AgentStats {
 pub struct Agent {
     cfg: AgentConfig,
     spool: Spool,
+    /// Incident records, reports and evidence bundles: shipped before routine logs.
+    priority: Spool,
     checkpoints: Checkpoints,
     _lock: File,
 }
@@ -120,6 +124,19 @@ impl Agent {
         for m in &recovery.messages {
             tracing::warn!("spool recovery: {m}");
         }
+        let pdir = cfg.state_dir.join("priority");
+        let (priority, precovery) = Spool::open(
+            &pdir,
+            SpoolOptions {
+                // A whole bundle must fit, with room for records around it.
+                max_size: cfg.incident.max_bundle_size.saturating_mul(2) + (256 << 20),
+                ..SpoolOptions::default()
+            },
+        )
+        .with_context(|| format!("cannot open the priority spool in {}", pdir.display()))?;
+        for m in &precovery.messages {
+            tracing::warn!("priority spool recovery: {m}");
+        }
         let ck_path = Checkpoints::path(&cfg.state_dir);
         let mut checkpoints = match Checkpoints::load(&ck_path) {
             Ok(c) => c,
@@ -152,6 +169,7 @@ impl Agent {
         Ok(Agent {
             cfg,
             spool,
+            priority,
             checkpoints,
             _lock: lock,
         })
@@ -167,6 +185,7 @@ impl Agent {
         let Agent {
             cfg,
             spool,
+            priority,
             checkpoints,
             _lock,
         } = self;
@@ -253,7 +272,19 @@ impl Agent {
         let ship_stop = CancellationToken::new();
         let shipper = match &cfg.upstream {
             Some(up) => {
-                let shipper = Shipper::new(up.clone(), spool.clone(), LOG_STREAM)?;
+                let shipper = Shipper::with_lanes(
+                    up.clone(),
+                    vec![
+                        Lane {
+                            stream: PRIORITY_STREAM.to_string(),
+                            spool: priority.clone(),
+                        },
+                        Lane {
+                            stream: LOG_STREAM.to_string(),
+                            spool: spool.clone(),
+                        },
+                    ],
+                )?;
                 let tls = shipper.tls();
                 spawn_reload_on_hup(tls, shutdown.clone());
                 let st = ship_stop.clone();
@@ -261,6 +292,14 @@ impl Agent {
             }
             None => None,
         };
+        let outbox = Outbox {
+            state_dir: cfg.state_dir.clone(),
+            spool: priority.clone(),
+            settings: cfg.incident.clone(),
+            inputs: BundleInputs::from_config(&cfg),
+            ship: cfg.upstream.is_some(),
+        };
+        let outbox_task = tokio::spawn(outbox.run(ship_stop.clone()));
         tracing::info!(
             "agent {:?} started: {} source(s), state in {}",
             cfg.id,
@@ -302,6 +341,7 @@ impl Agent {
         // Give the link a moment to get the last batches acknowledged; anything still
         // unacknowledged stays in the spool for the next start.
         ship_stop.cancel();
+        let _ = outbox_task.await;
         if let Some(s) = shipper {
             s.await??;
         }

@@ -108,28 +108,7 @@ pub struct AgentConfig {
 }
 
 /// `[incident]`: what declaring an incident does (guideline 3.1, 4.1(二)7).
-#[derive(Debug, Clone)]
-pub struct IncidentSettings {
-    /// Levels whose declaration builds and ships an evidence bundle automatically.
-    pub auto_bundle_levels: Vec<u8>,
-    /// The bundle covers [discovered_at - window, now].
-    pub window: Duration,
-    /// Members that would make the bundle larger are left out (and listed).
-    pub max_bundle_size: u64,
-    /// Shown when the upstream is unreachable, e.g. the center's 24-hour phone line.
-    pub center_contact: Option<String>,
-}
-
-impl Default for IncidentSettings {
-    fn default() -> Self {
-        IncidentSettings {
-            auto_bundle_levels: vec![3, 4],
-            window: Duration::from_secs(72 * 3600),
-            max_bundle_size: 4 << 30,
-            center_contact: None,
-        }
-    }
-}
+pub use crate::incident::IncidentSettings;
 
 #[derive(Debug, Clone)]
 pub struct SourceConfig {

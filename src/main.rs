@@ -55,6 +55,11 @@ enum Cmd {
         #[arg(short, long, default_value = "/etc/soclink/relay.toml")]
         config: PathBuf,
     },
+    /// Declare, list, show and close security incidents (the guideline's 1-hour report;
+    /// levels 3 and 4 also build and ship an evidence bundle).
+    Incident(soclink::incident::cli::IncidentArgs),
+    /// Evidence bundles: `soclink bundle verify FILE`.
+    Bundle(soclink::incident::cli::BundleArgs),
     /// Certificates for trying soclink out.
     Certs {
         #[command(subcommand)]
@@ -232,6 +237,17 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::CheckConfig { config, kind } => check_config(&config, kind),
+        Cmd::Incident(args) => {
+            let settings = config::load_agent(&args.config)
+                .map(|c| c.incident)
+                .unwrap_or_default();
+            let link = soclink::incident::record::LinkStatus {
+                upstream_down_since: None,
+                center_contact: settings.center_contact.clone(),
+            };
+            soclink::incident::cli::run_incident(&args, &settings, &link)
+        }
+        Cmd::Bundle(args) => soclink::incident::cli::run_bundle(&args),
         Cmd::BenchCompress {
             file,
             level,

@@ -171,18 +171,26 @@ pub fn run_incident(
                 inc.level,
                 inc.deadline_text(now)
             )?;
+            if d.no_bundle {
+                std::fs::write(store.incident_dir(&inc.id)?.join(super::NO_BUNDLE_MARKER), b"")?;
+            }
             if needs_bundle(inc.level, &settings.auto_bundle_levels) && !d.no_bundle {
                 let path = store.bundle_path(&inc.id)?;
                 let inputs = BundleInputs::from_config(&cfg);
-                let summary = build_bundle(
+                // Tells a running agent's outbox that this bundle is being built here.
+                let marker = store.incident_dir(&inc.id)?.join(super::BUILDING_MARKER);
+                let _ = std::fs::write(&marker, b"");
+                let built = build_bundle(
                     &path,
                     &inc,
                     &inputs,
                     settings.window,
                     settings.max_bundle_size,
                 )
-                .with_context(|| format!("building the evidence bundle of {}", inc.id))?;
-                store.record_bundle(&inc.id, &summary)?;
+                .with_context(|| format!("building the evidence bundle of {}", inc.id));
+                let recorded = built.and_then(|s| Ok((store.record_bundle(&inc.id, &s)?, s)));
+                let _ = std::fs::remove_file(&marker);
+                let (_, summary) = recorded?;
                 writeln!(
                     out,
                     "evidence bundle {} ({} bytes, {} members, {} left out, {} errors)\nmanifest sha256 {}",

@@ -23,9 +23,16 @@
 //! Invariant: every member before `manifest.json` is listed in it with its exact size
 //! and SHA-256, computed from the very bytes written into the archive.
 
+/// Present in an incident's folder while a process builds its bundle.
+pub const BUILDING_MARKER: &str = "bundle.building";
+
+/// Present when the declaration asked for no evidence bundle (`--no-bundle`).
+pub const NO_BUNDLE_MARKER: &str = "no-bundle";
+
 pub mod bundle;
 pub mod cli;
 pub mod hostfacts;
+pub mod outbox;
 pub mod record;
 pub mod verify;
 

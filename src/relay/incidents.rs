@@ -138,7 +138,7 @@ fn store_chunk(
     match reason {
         None => {
             fs::rename(&part, &fin).map_err(|e| e.to_string())?;
-            if let Ok(m) = crate::incident::verify::extract_manifest(&fin) {
+            if let Ok(m) = extract_manifest(&fin) {
                 let _ = write_atomic(&dir.join("manifest.json"), &m);
             }
             sync_dir(dir).map_err(|e| e.to_string())?;
@@ -176,4 +176,20 @@ pub fn file_sha256(path: &Path) -> std::io::Result<String> {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The manifest of a bundle that already verified (so its structure is known good).
+fn extract_manifest(path: &Path) -> std::io::Result<Vec<u8>> {
+    let gz = flate2::read::GzDecoder::new(std::io::BufReader::new(File::open(path)?));
+    let mut ar = tar::Archive::new(gz);
+    for e in ar.entries()? {
+        let e = e?;
+        if e.path()?.as_os_str() == "manifest.json" {
+            let mut out = Vec::new();
+            e.take(crate::incident::MAX_MANIFEST_BYTES as u64 + 1)
+                .read_to_end(&mut out)?;
+            return Ok(out);
+        }
+    }
+    Err(std::io::Error::other("no manifest.json"))
 }

@@ -8,6 +8,7 @@
 //! what it receives and ships it upstream with its own certificate, keeping each
 //! batch's origin (agent, stream, sequence) so the top relay stores it exactly once.
 
+pub mod incidents;
 pub mod server;
 pub mod sink;
 pub mod store;
@@ -83,7 +84,7 @@ pub async fn run(
             if !recovery.is_clean() {
                 tracing::warn!("store recovery: {recovery:?}");
             }
-            Sink::store(store)?
+            Sink::store(store, cfg.store_dir.clone())?
         }
         Some(up) => {
             let dir = cfg.state_dir.join("spool");

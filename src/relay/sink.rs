@@ -59,13 +59,16 @@ enum Kind {
 
 impl Sink {
     /// A sink writing into the store, with its writer thread.
-    pub fn store(store: Store) -> std::io::Result<(Sink, std::thread::JoinHandle<()>)> {
+    pub fn store(
+        store: Store,
+        store_dir: std::path::PathBuf,
+    ) -> std::io::Result<(Sink, std::thread::JoinHandle<()>)> {
         let store = Arc::new(Mutex::new(store));
         let (tx, rx) = mpsc::channel(4096);
         let s2 = store.clone();
         let h = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || store_writer(rx, s2))?;
+            .spawn(move || store_writer(rx, s2, store_dir))?;
         Ok((
             Sink {
                 tx,
@@ -141,11 +144,20 @@ fn gather(rx: &mut mpsc::Receiver<WriteReq>) -> Option<Vec<WriteReq>> {
     Some(group)
 }
 
-fn store_writer(mut rx: mpsc::Receiver<WriteReq>, store: Arc<Mutex<Store>>) {
+fn store_writer(
+    mut rx: mpsc::Receiver<WriteReq>,
+    store: Arc<Mutex<Store>>,
+    store_dir: std::path::PathBuf,
+) {
     while let Some(group) = gather(&mut rx) {
         let mut st = lock(&store);
         let mut results: Vec<(oneshot::Sender<WriteResult>, WriteResult)> = Vec::new();
         for r in group {
+            if let Some(item) = &r.meta.item {
+                let res = store_item(&mut st, &store_dir, &r, item);
+                results.push((r.reply, res));
+                continue;
+            }
             let mut out = st.append(&r.agent, &r.stream, r.seq, &r.source, &r.day, &r.gzip);
             if let Ok(AppendOutcome::Gap { expected }) = out {
                 // The batches in between can never come (the sender's spool lost them,
@@ -185,6 +197,43 @@ fn store_writer(mut rx: mpsc::Receiver<WriteReq>, store: Arc<Mutex<Store>>) {
         drop(st);
         for (reply, res) in results {
             let _ = reply.send(res);
+        }
+    }
+}
+
+/// An incident record, report or bundle chunk: written (and fsynced) in its own
+/// place first, then the stream position moves with the group's commit. A replay of a
+/// seq at or below the position is dropped before anything is written, so an old
+/// record never replaces a newer one.
+fn store_item(
+    st: &mut Store,
+    store_dir: &std::path::Path,
+    r: &WriteReq,
+    item: &crate::batch::Item,
+) -> WriteResult {
+    if r.seq <= st.position(&r.agent, &r.stream) {
+        return Ok(Stored::Duplicate);
+    }
+    match super::incidents::store_item(store_dir, &r.agent, item, &r.gzip) {
+        Ok(outcome) => {
+            match &outcome {
+                super::incidents::Outcome::Stored(what) => {
+                    tracing::info!(agent = %r.agent, "stored {what}")
+                }
+                super::incidents::Outcome::BundleComplete(p) => {
+                    tracing::info!(agent = %r.agent, incident = item.incident(), "evidence bundle verified and stored: {}", p.display())
+                }
+                super::incidents::Outcome::BundleRejected(why) => {
+                    tracing::error!(agent = %r.agent, incident = item.incident(), "evidence bundle REFUSED: {why}; kept aside as bundle.tar.gz.rejected")
+                }
+            }
+            st.advance(&r.agent, &r.stream, r.seq)
+                .map(|_| Stored::Appended)
+                .map_err(|e| format!("cannot record batch {}#{}: {e}", r.stream, r.seq))
+        }
+        Err(e) => {
+            tracing::warn!(agent = %r.agent, "incident item {}#{} not stored: {e}", r.stream, r.seq);
+            Err(e)
         }
     }
 }

@@ -730,6 +730,19 @@ impl Store {
         Ok(AppendOutcome::Appended)
     }
 
+    /// The stream's position including appends not yet committed.
+    pub fn position(&self, agent: &str, stream: &str) -> u64 {
+        self.agents
+            .get(agent)
+            .and_then(|a| {
+                a.pending_seq
+                    .get(stream)
+                    .or_else(|| a.durable.streams.get(stream))
+            })
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Records that `seq` of `stream` was stored *outside* the log layout (an incident
     /// record or bundle chunk the caller already wrote and fsynced): the dedupe
     /// position moves with the next [`Store::commit`], nothing is appended. Gaps are

@@ -1,0 +1,293 @@
+//! The agent's incident outbox: puts incident records, evidence bundles and closing
+//! reports into the priority spool, and notes in each incident's timeline when the
+//! relay acknowledged them.
+//!
+//! It scans `state_dir/incidents` every second, so it ships whatever `soclink incident`
+//! recorded, whether the agent was running at the time or not (guideline 3.1(三): act
+//! within the hour even when the network is down, deliver when it is back). What was
+//! enqueued is remembered per incident in `outbox.json` beside the record:
+//!
+//! ```text
+//! { "record_sha256": "<hex of the record as last enqueued>", "record_seq": u64,
+//!   "bundle_first_seq": u64, "bundle_last_seq": u64, "report_seq": u64 }
+//! ```
+//!
+//! Enqueueing is idempotent at the relay (a record replaces the previous one; a chunk
+//! is written at its offset), so a crash between enqueueing and writing `outbox.json`
+//! only sends the same thing twice.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use super::bundle::{build_bundle, BundleInputs};
+use super::record::{EventKind, Incident, IncidentStore, TimelineEvent};
+use super::{needs_bundle, IncidentSettings};
+use crate::batch::{BatchMeta, Item};
+use crate::spool::Spool;
+use crate::util::write_atomic;
+
+/// Bundle chunk size in the priority spool and on the wire.
+pub const CHUNK: usize = 4 << 20;
+/// The wire stream of the priority lane.
+pub const PRIORITY_STREAM: &str = "priority";
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct OutboxState {
+    #[serde(default)]
+    record_sha256: String,
+    #[serde(default)]
+    record_seq: u64,
+    #[serde(default)]
+    bundle_first_seq: u64,
+    #[serde(default)]
+    bundle_last_seq: u64,
+    #[serde(default)]
+    report_seq: u64,
+}
+
+pub struct Outbox {
+    pub state_dir: PathBuf,
+    pub spool: Spool,
+    pub settings: IncidentSettings,
+    pub inputs: BundleInputs,
+    /// Ship at all (false without `[upstream]`: records stay local, nothing to send to).
+    pub ship: bool,
+}
+
+impl Outbox {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let me = std::sync::Arc::new(self);
+        loop {
+            let m = me.clone();
+            match tokio::task::spawn_blocking(move || m.scan()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("incident outbox: {e:#}"),
+                Err(e) => tracing::error!("incident outbox task failed: {e}"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// One pass over every incident.
+    pub fn scan(&self) -> Result<()> {
+        let dir = self.state_dir.join("incidents");
+        if !dir.is_dir() {
+            return Ok(());
+        }
+        let store = IncidentStore::open(&self.state_dir)?;
+        for inc in store.list()? {
+            if let Err(e) = self.one(&store, inc) {
+                tracing::warn!("incident outbox: {e:#}");
+            }
+        }
+        Ok(())
+    }
+
+    fn one(&self, store: &IncidentStore, mut inc: Incident) -> Result<()> {
+        let idir = store.incident_dir(&inc.id)?;
+        let st_path = idir.join("outbox.json");
+        let mut st: OutboxState = std::fs::read(&st_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let before = st.clone();
+
+        // Acknowledgements first: they change the record, which is then sent again.
+        let acked = self.spool.acked();
+        if self.ship {
+            let has = |inc: &Incident, k: EventKind| inc.timeline.iter().any(|e| e.event == k);
+            if st.record_seq > 0 && acked >= st.record_seq && !has(&inc, EventKind::Delivered) {
+                inc = store.mark(
+                    &inc.id,
+                    TimelineEvent::now(EventKind::Delivered, "incident record stored by the relay"),
+                )?;
+                tracing::info!(incident = %inc.id, "incident record delivered to the relay");
+            }
+            let done_seq = if st.bundle_last_seq > 0 {
+                st.bundle_last_seq
+            } else if inc.bundle.is_none() && !needs_bundle(inc.level, &self.settings.auto_bundle_levels) {
+                st.record_seq
+            } else {
+                0
+            };
+            if done_seq > 0 && acked >= done_seq && !has(&inc, EventKind::Acknowledged) {
+                let what = if st.bundle_last_seq > 0 {
+                    "evidence bundle verified and stored by the relay"
+                } else {
+                    "incident acknowledged by the relay"
+                };
+                inc = store.mark(&inc.id, TimelineEvent::now(EventKind::Acknowledged, what))?;
+                tracing::info!(incident = %inc.id, "{what}");
+            }
+        }
+
+        // The record, whenever it changed (declared, bundle built, marks, closed).
+        if self.ship {
+            let compact = serde_json::to_vec(&inc)?;
+            let sha = hex(&Sha256::digest(&compact));
+            if sha != st.record_sha256 {
+                let mut line = compact;
+                line.push(b'\n');
+                st.record_seq = self.enqueue_json(&inc.id, &line, false)?;
+                st.record_sha256 = sha;
+            }
+        }
+
+        // The evidence bundle: built here when the CLI did not (agent-side declare).
+        let bundle_path = store.bundle_path(&inc.id)?;
+        if inc.bundle.is_none()
+            && needs_bundle(inc.level, &self.settings.auto_bundle_levels)
+            && !bundle_path.exists()
+            && !being_built(&idir)
+            && !idir.join(super::NO_BUNDLE_MARKER).exists()
+        {
+            let summary = build_bundle(
+                &bundle_path,
+                &inc,
+                &self.inputs,
+                self.settings.window,
+                self.settings.max_bundle_size,
+            )
+            .with_context(|| format!("building the evidence bundle of {}", inc.id))?;
+            store.record_bundle(&inc.id, &summary)?;
+            tracing::info!(incident = %inc.id, "evidence bundle built: {} bytes, {} members", summary.size, summary.members);
+            // The record changed; the next pass sends it again.
+        }
+        if self.ship && inc.bundle.is_some() && st.bundle_last_seq == 0 && bundle_path.exists() {
+            let (first, last) = self.enqueue_bundle(&inc.id, &bundle_path)?;
+            st.bundle_first_seq = first;
+            st.bundle_last_seq = last;
+        }
+
+        // The closing report, once.
+        if self.ship && st.report_seq == 0 {
+            if let Some(name) = &inc.closing_report {
+                let text = std::fs::read_to_string(idir.join(name)).unwrap_or_default();
+                let report = serde_json::json!({
+                    "incident": inc.id,
+                    "drill": inc.drill,
+                    "report": text,
+                    "timeline": inc.timeline,
+                    "discovered_at": crate::incident::record::format_time(inc.discovered_at),
+                    "declared_at": crate::incident::record::format_time(inc.declared_at),
+                });
+                let mut line = serde_json::to_vec(&report)?;
+                line.push(b'\n');
+                st.report_seq = self.enqueue_json(&inc.id, &line, true)?;
+            }
+        }
+
+        if st != before {
+            write_atomic(&st_path, &serde_json::to_vec(&st)?)
+                .with_context(|| format!("cannot write {}", st_path.display()))?;
+        }
+        Ok(())
+    }
+
+    fn meta(&self, item: Item, events: u32, raw_bytes: u64) -> BatchMeta {
+        BatchMeta {
+            source: "incidents".into(),
+            day: crate::util::day_of(&crate::util::now_rfc3339()).to_string(),
+            events,
+            raw_bytes,
+            origin: None,
+            item: Some(item),
+            cursor: None,
+        }
+    }
+
+    /// A record or report: one gzip member of one JSON line, like any batch.
+    fn enqueue_json(&self, id: &str, line: &[u8], report: bool) -> Result<u64> {
+        let item = if report {
+            Item::IncidentReport {
+                incident: id.to_string(),
+            }
+        } else {
+            Item::IncidentRecord {
+                incident: id.to_string(),
+            }
+        };
+        let meta = serde_json::to_vec(&self.meta(item, 1, line.len() as u64))?;
+        let gz = crate::agent::compress(line, 6);
+        let seq = self.spool.append(&meta, &gz)?;
+        self.spool.commit()?;
+        Ok(seq)
+    }
+
+    /// The bundle in chunks; returns the first and last seq.
+    fn enqueue_bundle(&self, id: &str, path: &Path) -> Result<(u64, u64)> {
+        let total = std::fs::metadata(path)?.len();
+        let sha = crate::relay::incidents::file_sha256(path)?;
+        let mut f = std::fs::File::open(path)?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut offset = 0u64;
+        let (mut first, mut last) = (0, 0);
+        loop {
+            let mut n = 0;
+            while n < CHUNK {
+                let k = f.read(&mut buf[n..])?;
+                if k == 0 {
+                    break;
+                }
+                n += k;
+            }
+            if n == 0 && offset > 0 {
+                break;
+            }
+            let item = Item::BundleChunk {
+                incident: id.to_string(),
+                offset,
+                total,
+                sha256: sha.clone(),
+            };
+            let meta = serde_json::to_vec(&self.meta(item, 0, n as u64))?;
+            while self.spool.is_full() {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let seq = self.spool.append(&meta, &buf[..n])?;
+            if first == 0 {
+                first = seq;
+            }
+            last = seq;
+            offset += n as u64;
+            if n < CHUNK {
+                break;
+            }
+        }
+        self.spool.commit()?;
+        tracing::info!(incident = %id, "evidence bundle queued for the relay: {total} bytes in {} chunks", last - first + 1);
+        Ok((first, last))
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// When the incident was last acknowledged, for status output.
+pub fn last_ack(inc: &Incident) -> Option<SystemTime> {
+    inc.timeline
+        .iter()
+        .rev()
+        .find(|e| e.event == EventKind::Acknowledged)
+        .map(|e| e.at)
+}
+
+/// Another process (the CLI) is building this bundle right now; a marker older than
+/// an hour is left over from a crash and ignored.
+fn being_built(idir: &Path) -> bool {
+    std::fs::metadata(idir.join(super::BUILDING_MARKER))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < Duration::from_secs(3600))
+}
