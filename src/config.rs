@@ -433,9 +433,17 @@ pub fn parse_agent(text: &str) -> Result<AgentConfig, Vec<Problem>> {
     let mut incident = IncidentSettings::default();
     if let Some(i) = raw.incident {
         if let Some(l) = i.auto_bundle_levels {
-            match l.get_ref().iter().map(|v| u8::try_from(*v)).collect::<Result<Vec<u8>, _>>() {
+            match l
+                .get_ref()
+                .iter()
+                .map(|v| u8::try_from(*v))
+                .collect::<Result<Vec<u8>, _>>()
+            {
                 Ok(v) if v.iter().all(|x| (1..=4).contains(x)) => incident.auto_bundle_levels = v,
-                _ => p.at(l.span(), "incident.auto_bundle_levels must list levels 1 to 4"),
+                _ => p.at(
+                    l.span(),
+                    "incident.auto_bundle_levels must list levels 1 to 4",
+                ),
             }
         }
         if let Some(w) = i.window {

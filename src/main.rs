@@ -336,7 +336,8 @@ fn spool_dump(state_dir: &std::path::Path, batches: bool, all: bool) -> Result<E
 
 fn bench_compress(file: &std::path::Path, level: u32, batch_bytes: usize) -> Result<ExitCode> {
     use std::io::Read;
-    let mut f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let mut f =
+        std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
     let mut buf = vec![0u8; batch_bytes.max(1)];
     let (mut raw, mut gz) = (0u64, 0u64);
     let t = std::time::Instant::now();

@@ -191,7 +191,10 @@ impl Shipper {
                 protocol::SUPPORTED_VERSIONS
             ),
             Frame::Error(e) => bail!("the relay reported an error: {}", e.message),
-            other => bail!("unexpected {:?} frame instead of HelloAck", other.frame_type()),
+            other => bail!(
+                "unexpected {:?} frame instead of HelloAck",
+                other.frame_type()
+            ),
         };
         let mut states = Vec::with_capacity(self.lanes.len());
         for lane in &self.lanes {
@@ -274,7 +277,10 @@ impl Shipper {
                     let rec = tokio::task::spawn_blocking(move || sp.read(want)).await??;
                     let Some(rec) = rec else { break };
                     let meta: BatchMeta = serde_json::from_slice(&rec.meta).with_context(|| {
-                        format!("spooled batch {}#{} has unreadable metadata", lane.stream, rec.seq)
+                        format!(
+                            "spooled batch {}#{} has unreadable metadata",
+                            lane.stream, rec.seq
+                        )
                     })?;
                     let size = rec.payload.len() as u64;
                     let frame = Frame::Batch(Batch {

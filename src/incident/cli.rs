@@ -172,7 +172,10 @@ pub fn run_incident(
                 inc.deadline_text(now)
             )?;
             if d.no_bundle {
-                std::fs::write(store.incident_dir(&inc.id)?.join(super::NO_BUNDLE_MARKER), b"")?;
+                std::fs::write(
+                    store.incident_dir(&inc.id)?.join(super::NO_BUNDLE_MARKER),
+                    b"",
+                )?;
             }
             if needs_bundle(inc.level, &settings.auto_bundle_levels) && !d.no_bundle {
                 let path = store.bundle_path(&inc.id)?;

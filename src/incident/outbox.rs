@@ -25,9 +25,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use super::bundle::{build_bundle, BundleInputs};
+use super::bundle::{BundleInputs, build_bundle};
 use super::record::{EventKind, Incident, IncidentStore, TimelineEvent};
-use super::{needs_bundle, IncidentSettings};
+use super::{IncidentSettings, needs_bundle};
 use crate::batch::{BatchMeta, Item};
 use crate::spool::Spool;
 use crate::util::write_atomic;
@@ -114,7 +114,9 @@ impl Outbox {
             }
             let done_seq = if st.bundle_last_seq > 0 {
                 st.bundle_last_seq
-            } else if inc.bundle.is_none() && !needs_bundle(inc.level, &self.settings.auto_bundle_levels) {
+            } else if inc.bundle.is_none()
+                && !needs_bundle(inc.level, &self.settings.auto_bundle_levels)
+            {
                 st.record_seq
             } else {
                 0
@@ -169,21 +171,22 @@ impl Outbox {
         }
 
         // The closing report, once.
-        if self.ship && st.report_seq == 0 {
-            if let Some(name) = &inc.closing_report {
-                let text = std::fs::read_to_string(idir.join(name)).unwrap_or_default();
-                let report = serde_json::json!({
-                    "incident": inc.id,
-                    "drill": inc.drill,
-                    "report": text,
-                    "timeline": inc.timeline,
-                    "discovered_at": crate::incident::record::format_time(inc.discovered_at),
-                    "declared_at": crate::incident::record::format_time(inc.declared_at),
-                });
-                let mut line = serde_json::to_vec(&report)?;
-                line.push(b'\n');
-                st.report_seq = self.enqueue_json(&inc.id, &line, true)?;
-            }
+        if self.ship
+            && st.report_seq == 0
+            && let Some(name) = &inc.closing_report
+        {
+            let text = std::fs::read_to_string(idir.join(name)).unwrap_or_default();
+            let report = serde_json::json!({
+                "incident": inc.id,
+                "drill": inc.drill,
+                "report": text,
+                "timeline": inc.timeline,
+                "discovered_at": crate::incident::record::format_time(inc.discovered_at),
+                "declared_at": crate::incident::record::format_time(inc.declared_at),
+            });
+            let mut line = serde_json::to_vec(&report)?;
+            line.push(b'\n');
+            st.report_seq = self.enqueue_json(&inc.id, &line, true)?;
         }
 
         if st != before {

@@ -60,7 +60,8 @@ pub fn store_item(
                 "report.json"
             };
             let path = dir.join(name);
-            write_atomic(&path, &json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            write_atomic(&path, &json)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             Ok(Outcome::Stored(format!("{name} of incident {incident}")))
         }
         Item::BundleChunk {
@@ -122,7 +123,9 @@ fn store_chunk(
         .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
     sync_dir(dir).map_err(|e| e.to_string())?;
     if end < total {
-        return Ok(Outcome::Stored(format!("bundle chunk {offset}..{end} of {total}")));
+        return Ok(Outcome::Stored(format!(
+            "bundle chunk {offset}..{end} of {total}"
+        )));
     }
     // The last chunk: the whole file must hash right and verify member by member.
     let len = f.metadata().map_err(|e| e.to_string())?.len();
@@ -131,7 +134,9 @@ fn store_chunk(
     } else {
         match file_sha256(&part) {
             Ok(h) if h == sha256 => verify(&part).err(),
-            Ok(h) => Some(format!("bundle SHA-256 is {h}, the agent announced {sha256}")),
+            Ok(h) => Some(format!(
+                "bundle SHA-256 is {h}, the agent announced {sha256}"
+            )),
             Err(e) => Some(format!("cannot read the bundle back: {e}")),
         }
     };
@@ -186,7 +191,7 @@ fn extract_manifest(path: &Path) -> std::io::Result<Vec<u8>> {
         let e = e?;
         if e.path()?.as_os_str() == "manifest.json" {
             let mut out = Vec::new();
-            e.take(crate::incident::MAX_MANIFEST_BYTES as u64 + 1)
+            e.take(crate::incident::MAX_MANIFEST_BYTES + 1)
                 .read_to_end(&mut out)?;
             return Ok(out);
         }

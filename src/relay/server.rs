@@ -265,7 +265,7 @@ impl Server {
                         }),
                         Err(_) => break,
                     },
-                    Outgoing::Frame(f) => f,
+                    Outgoing::Frame(f) => *f,
                 };
                 let is_err = matches!(frame, Frame::Error(_));
                 if protocol::write_frame(&mut wr, &frame).await.is_err() || is_err {
@@ -278,7 +278,7 @@ impl Server {
             let frame = tokio::select! {
                 r = tokio::time::timeout(self.settings.idle_timeout, protocol::read_frame(rd, limits)) => r,
                 _ = shutdown.cancelled() => {
-                    let _ = otx.send(Outgoing::Frame(error(ErrorCode::ShuttingDown, "the relay is shutting down".into()))).await;
+                    let _ = otx.send(Outgoing::Frame(Box::new(error(ErrorCode::ShuttingDown, "the relay is shutting down".into())))).await;
                     break Ok(());
                 }
             };
@@ -287,10 +287,10 @@ impl Server {
                 Ok(Err(protocol::ProtocolError::Closed)) => break Ok(()),
                 Ok(Err(e)) => {
                     let _ = otx
-                        .send(Outgoing::Frame(error(
+                        .send(Outgoing::Frame(Box::new(error(
                             ErrorCode::ProtocolViolation,
                             e.to_string(),
-                        )))
+                        ))))
                         .await;
                     break Err(e.into());
                 }
@@ -311,10 +311,10 @@ impl Server {
                             );
                             tracing::warn!(agent = %identity, "{msg}");
                             let _ = otx
-                                .send(Outgoing::Frame(error(
+                                .send(Outgoing::Frame(Box::new(error(
                                     ErrorCode::BatchRejected,
                                     msg.clone(),
-                                )))
+                                ))))
                                 .await;
                             break Err(anyhow::anyhow!(msg));
                         }
@@ -338,10 +338,10 @@ impl Server {
                         let msg = format!("batch {}#{} rejected: {e}", h.stream, h.seq);
                         tracing::warn!(agent = %identity, "{msg}");
                         let _ = otx
-                            .send(Outgoing::Frame(error(
+                            .send(Outgoing::Frame(Box::new(error(
                                 ErrorCode::BatchRejected,
                                 msg.clone(),
-                            )))
+                            ))))
                             .await;
                         break Err(anyhow::anyhow!(msg));
                     }
@@ -390,16 +390,16 @@ impl Server {
                     }
                 }
                 Frame::Ping(n) => {
-                    let _ = otx.send(Outgoing::Frame(Frame::Pong(n))).await;
+                    let _ = otx.send(Outgoing::Frame(Box::new(Frame::Pong(n)))).await;
                 }
                 Frame::Pong(_) => {}
                 other => {
                     let msg = format!("unexpected {:?} frame", other.frame_type());
                     let _ = otx
-                        .send(Outgoing::Frame(error(
+                        .send(Outgoing::Frame(Box::new(error(
                             ErrorCode::ProtocolViolation,
                             msg.clone(),
-                        )))
+                        ))))
                         .await;
                     break Err(anyhow::anyhow!(msg));
                 }
@@ -417,7 +417,7 @@ enum Outgoing {
         seq: u64,
         done: oneshot::Receiver<Result<(), String>>,
     },
-    Frame(Frame),
+    Frame(Box<Frame>),
 }
 
 fn error(code: ErrorCode, message: String) -> Frame {
