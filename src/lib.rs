@@ -14,12 +14,15 @@
 //! - [`certs`]: throwaway development certificates (`soclink certs dev`).
 //! - [`ship`]: the agent side of the link: window, acknowledgements, reconnects.
 //! - [`relay`]: the receiving end: TLS server, dedupe, durable store.
+//! - [`control`]: the local control socket (Unix, JSON) the CLI talks to.
+//! - [`status`]: `soclink status`: snapshots of live counters and their rendering.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod batch;
 pub mod certs;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod event;
 pub mod protocol;
@@ -27,5 +30,6 @@ pub mod relay;
 pub mod ship;
 pub mod sources;
 pub mod spool;
+pub mod status;
 pub mod tls;
 pub mod util;

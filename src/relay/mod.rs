@@ -124,6 +124,19 @@ pub async fn run(
             tracing::info!("relay {:?} listening on {a}", cfg.id);
         }
     }
+    // control: `soclink status` (see crate::status).
+    let ctl_up = cfg
+        .upstream
+        .as_ref()
+        .map(|u| u.address.clone())
+        .zip(upstream_status.clone());
+    crate::status::spawn_relay_control(
+        &cfg,
+        peers.clone(),
+        sink.store_handle(),
+        ctl_up,
+        shutdown.clone(),
+    );
     on_ready(RelayHandles {
         peers,
         tls,
