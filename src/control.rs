@@ -46,6 +46,9 @@ pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the client waits for the whole exchange.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// After answering, input discarded so the answer is not lost to a reset.
+const DRAIN_BYTES: u64 = 4 << 20;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// Clients served at once.
 pub const MAX_CLIENTS: usize = 64;
 /// Group given the socket when it exists.
@@ -292,11 +295,23 @@ async fn connection(stream: UnixStream, handler: Arc<dyn Handler>) {
         .unwrap_or_else(|_| br#"{"ok":false,"error":"cannot encode the answer"}"#.to_vec());
     out.push(b'\n');
     // The client may be gone or stuck; neither may hold a permit forever.
-    let _ = tokio::time::timeout(READ_TIMEOUT, async {
+    let sent = tokio::time::timeout(READ_TIMEOUT, async {
         wr.write_all(&out).await?;
         wr.shutdown().await
     })
     .await;
+    if matches!(sent, Ok(Ok(()))) {
+        // Closing a Unix socket with unread input resets the connection, and the client
+        // may then lose the answer it has not read yet: discard what it still sends
+        // (an over-long request), within a bound.
+        let mut rest = rd.into_inner();
+        let mut sink = tokio::io::sink();
+        let _ = tokio::time::timeout(
+            DRAIN_TIMEOUT,
+            tokio::io::copy(&mut (&mut rest).take(DRAIN_BYTES), &mut sink),
+        )
+        .await;
+    }
 }
 
 fn parse_request(line: &[u8]) -> Result<Value, String> {
