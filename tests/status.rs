@@ -84,13 +84,35 @@ fn agent_and_relay_status_follow_delivery_and_outage() {
         text.push('\n');
     }
     std::fs::write(&log, &text).unwrap();
+    let udp_port = common::free_port();
+    let sources = format!(
+        "{}\n[[source]]\nname = \"net\"\ntype = \"syslog\"\nlisten = [\"udp://127.0.0.1:{udp_port}\"]\n",
+        file_source("app", &[&logs.join("*.log")], "")
+    );
     let mut agent = AgentProc::new(
         dir,
-        &file_source("app", &[&logs.join("*.log")], ""),
+        &sources,
         &upstream_toml(&pki, &relay.address(), "test-agent"),
     );
     agent.start();
     let sock = dir.join("control.sock");
+    // Once the agent answers, its syslog listener is bound.
+    wait_status(
+        &sock,
+        "the agent's control socket",
+        || agent.log(),
+        |_| true,
+    );
+    let msgs = [
+        "<34>Nov 26 01:02:03 fw-01 sshd[42]: Failed password for root",
+        "<13>1 2026-11-26T01:02:03Z fw-01 app - - - hello",
+        "<165>Nov 26 01:02:04 fw-01 kernel: eth0 link up",
+    ];
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for m in msgs {
+        udp.send_to(m.as_bytes(), ("127.0.0.1", udp_port)).unwrap();
+    }
+    let udp_bytes: usize = msgs.iter().map(|m| m.len()).sum();
 
     let v = wait_status(
         &sock,
@@ -98,6 +120,7 @@ fn agent_and_relay_status_follow_delivery_and_outage() {
         || agent.log(),
         |v| {
             v["sources"][0]["lines"] == N
+            && v["sources"][1]["lines"] == 3
                 && v["spool"]["depth_batches"] == 0
                 && v["spool"]["durable_seq"].as_u64() > Some(0)
                 && v["upstream"]["connected"] == true
@@ -119,6 +142,13 @@ fn agent_and_relay_status_follow_delivery_and_outage() {
     assert_eq!(src["truncated"], 0);
     assert_eq!(src["files"], 1);
     assert_eq!(src["drops"], Value::Null);
+    let net = &v["sources"][1];
+    assert_eq!(net["name"], "net");
+    assert_eq!(net["type"], "syslog");
+    assert_eq!(net["bytes"], udp_bytes as u64);
+    assert_eq!(net["drops"], 0);
+    assert_eq!(net["parse_errors"], 0);
+    assert_eq!(net["files"], Value::Null);
     assert_eq!(v["spool"]["acked_seq"], v["spool"]["durable_seq"]);
     assert_eq!(v["spool"]["full"], false);
     let up = &v["upstream"];
@@ -132,7 +162,23 @@ fn agent_and_relay_status_follow_delivery_and_outage() {
     let (code, table, err) = status(&["--socket", sock.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(table.starts_with("agent \"test-agent\""), "{table}");
-    assert!(table.contains(&format!("app   file    {N}")), "{table}");
+    assert!(
+        table.contains("  NAME  TYPE    LINES     BYTES  ERRORS  TRUNCATED  OTHER\n"),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!(
+            "  app   file      {N}  43.1 KiB       0          0  files=1\n"
+        )),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!(
+            "  net   syslog      3  {:>8}       0          0  drops=0 parse_errors=0\n",
+            format!("{udp_bytes} B")
+        )),
+        "{table}"
+    );
     assert!(table.contains("connected to relay \"relay1\""), "{table}");
 
     // The relay, found through its config file: the agent is connected, under its
