@@ -49,6 +49,8 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// After answering, input discarded so the answer is not lost to a reset.
 const DRAIN_BYTES: u64 = 4 << 20;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a connection attempt may take to tell a live socket from a stale one.
+const STALE_PROBE: Duration = Duration::from_secs(1);
 /// Clients served at once.
 pub const MAX_CLIENTS: usize = 64;
 /// Group given the socket when it exists.
@@ -189,15 +191,27 @@ pub async fn bind(path: &Path) -> Result<UnixListener> {
             .with_context(|| format!("cannot create the directory {}", dir.display()))?;
     }
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => match UnixStream::connect(path).await {
-            Ok(_) => bail!(
-                "another process is serving the control socket {} (is soclink already running?)",
-                path.display()
-            ),
-            // Nobody answers: a socket left by a process that died without cleaning up.
-            Err(_) => std::fs::remove_file(path)
-                .with_context(|| format!("cannot remove the stale socket {}", path.display()))?,
-        },
+        Ok(m) if m.file_type().is_socket() => {
+            let probe = tokio::time::timeout(STALE_PROBE, UnixStream::connect(path)).await;
+            match probe {
+                // Refused: a socket left by a process that died without cleaning up.
+                Ok(Err(e)) if e.kind() == ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path).with_context(|| {
+                        format!("cannot remove the stale socket {}", path.display())
+                    })?
+                }
+                Ok(Err(e)) => {
+                    return Err(e).with_context(|| {
+                        format!("cannot check whether {} is in use", path.display())
+                    });
+                }
+                // Accepted, or a listener too busy to accept: someone is there.
+                Ok(Ok(_)) | Err(_) => bail!(
+                    "another process is serving the control socket {} (is soclink already running?)",
+                    path.display()
+                ),
+            }
+        }
         Ok(_) => bail!(
             "{} exists and is not a socket; refusing to replace it",
             path.display()

@@ -374,6 +374,15 @@ async fn control_socket_survives_hostile_clients() {
     );
     let v = raw(&sock, b"\xff\xfe\x00garbage\n").await;
     assert_eq!(v["ok"], false);
+    // Nesting deep enough to overflow a naive recursive parser's stack.
+    let mut deep = vec![b'['; 60_000];
+    deep.push(b'\n');
+    let v = raw(&sock, &deep).await;
+    assert_eq!(v["ok"], false);
+    assert!(
+        v["error"].as_str().unwrap().contains("recursion limit"),
+        "{v}"
+    );
     let v = raw(&sock, b"[1,2,3]\n").await;
     assert_eq!(
         v,
