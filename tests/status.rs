@@ -529,3 +529,56 @@ async fn permission_denied_says_what_to_do() {
     );
     drop(l);
 }
+
+#[test]
+fn forwarding_relay_reports_its_upstream_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = Pki::new(dir);
+    let mut top = RelayProc::new(dir, &pki, "top", "trusted_forwarders = [\"mid\"]");
+    top.start();
+    let mut mid = RelayProc::new(
+        dir,
+        &pki,
+        "mid",
+        &upstream_toml(&pki, &top.address(), "mid"),
+    );
+    mid.start();
+    let mid_sock = mid.dir.join("relay.sock");
+    let m = wait_status(
+        &mid_sock,
+        "mid connected upstream",
+        || mid.log(),
+        |m| m["upstream"]["connected"] == true,
+    );
+    assert_eq!(m["id"], "mid");
+    assert_eq!(m["upstream"]["address"], top.address());
+    assert_eq!(m["upstream"]["relay_id"], "top");
+    assert_eq!(m["agents"], json!([]));
+    let t = wait_status(
+        &top.dir.join("relay.sock"),
+        "mid at top",
+        || top.log(),
+        |t| t["connections"][0]["identity"] == "mid",
+    );
+    assert_eq!(t["agents"][0]["identity"], "mid");
+    assert_eq!(t["agents"][0]["connected"], true);
+    let (code, table, err) = status(&["-c", mid.config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table.contains(&format!(
+            "UPSTREAM {}\n  state       connected to relay \"top\"\n",
+            top.address()
+        )),
+        "{table}"
+    );
+    top.stop();
+    let m = wait_status(
+        &mid_sock,
+        "mid's link down",
+        || mid.log(),
+        |m| m["upstream"]["connected"] == false && m["upstream"]["down_since"].is_string(),
+    );
+    assert!(m["upstream"]["last_error"].is_string(), "{m:#}");
+    mid.stop();
+}
