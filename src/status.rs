@@ -120,6 +120,8 @@ pub struct RelayStatus {
     pub agents: Vec<AgentSeen>,
     /// `null` when the relay stores instead of forwarding.
     pub upstream: Option<LinkStatus>,
+    /// The forwarding spool (`null` when the relay stores).
+    pub spool: Option<SpoolStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -175,6 +177,9 @@ pub struct LinkHandle {
     pub status: Arc<Mutex<UpstreamStatus>>,
 }
 
+/// An upstream's address and its shipper's live status.
+pub type Upstream = (String, Arc<Mutex<UpstreamStatus>>);
+
 /// What a running agent shares with the control socket.
 pub struct AgentHandles {
     pub id: String,
@@ -192,6 +197,8 @@ pub struct RelayHandles {
     /// The store (`None` when forwarding).
     pub store: Option<Arc<Mutex<Store>>>,
     pub upstream: Option<LinkHandle>,
+    /// The forwarding spool and its size limit (`None` when storing).
+    pub spool: Option<(Spool, u64)>,
     pub started: Instant,
 }
 
@@ -201,7 +208,7 @@ impl AgentHandles {
         cfg: &AgentConfig,
         sources: Vec<(String, SourceCounters)>,
         spool: Spool,
-        upstream: Option<(String, Arc<Mutex<UpstreamStatus>>)>,
+        upstream: Option<Upstream>,
         started: Instant,
     ) -> AgentHandles {
         AgentHandles {
@@ -215,19 +222,28 @@ impl AgentHandles {
     }
 }
 
-/// Serve the relay's control socket on a task (see [`control::spawn`]).
+/// Serve the relay's control socket on a task (see [`control::spawn`]); `forwarding`
+/// is the upstream address, the shipper's status and the forwarding spool.
 pub fn spawn_relay_control(
     cfg: &RelayConfig,
     peers: Arc<Mutex<Peers>>,
     store: Option<Arc<Mutex<Store>>>,
-    upstream: Option<(String, Arc<Mutex<UpstreamStatus>>)>,
+    forwarding: Option<(Upstream, Spool)>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    let (upstream, spool) = match forwarding {
+        Some(((address, status), spool)) => (
+            Some(LinkHandle { address, status }),
+            Some((spool, cfg.spool.max_size)),
+        ),
+        None => (None, None),
+    };
     let h = RelayHandles {
         id: cfg.id.clone(),
         peers,
         store,
-        upstream: upstream.map(|(address, status)| LinkHandle { address, status }),
+        upstream,
+        spool,
         started: Instant::now(),
     };
     control::spawn(
@@ -305,9 +321,21 @@ impl LinkHandle {
     }
 }
 
+fn spool_status(spool: &Spool, max_bytes: u64) -> SpoolStatus {
+    let sp = spool.stats();
+    SpoolStatus {
+        depth_batches: sp.durable_seq.saturating_sub(sp.acked),
+        bytes: sp.bytes,
+        max_bytes,
+        acked_seq: sp.acked,
+        durable_seq: sp.durable_seq,
+        oldest_unacked_age_secs: sp.oldest_unacked_age.map(|d| d.as_secs()),
+        full: spool.is_full(),
+    }
+}
+
 impl AgentHandles {
     pub fn snapshot(&self) -> AgentStatus {
-        let sp = self.spool.stats();
         AgentStatus {
             id: self.id.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -318,15 +346,7 @@ impl AgentHandles {
                 .iter()
                 .map(|(name, c)| c.snapshot(name))
                 .collect(),
-            spool: SpoolStatus {
-                depth_batches: sp.durable_seq.saturating_sub(sp.acked),
-                bytes: sp.bytes,
-                max_bytes: self.spool_max_bytes,
-                acked_seq: sp.acked,
-                durable_seq: sp.durable_seq,
-                oldest_unacked_age_secs: sp.oldest_unacked_age.map(|d| d.as_secs()),
-                full: self.spool.is_full(),
-            },
+            spool: spool_status(&self.spool, self.spool_max_bytes),
             upstream: self.upstream.as_ref().map(LinkHandle::snapshot),
         }
     }
@@ -404,6 +424,7 @@ impl RelayHandles {
             connections,
             agents: agents.into_values().collect(),
             upstream: self.upstream.as_ref().map(LinkHandle::snapshot),
+            spool: self.spool.as_ref().map(|(s, max)| spool_status(s, *max)),
         }
     }
 }
@@ -609,8 +630,18 @@ pub fn render_agent(s: &AgentStatus) -> String {
             &[false, false, true, true, true, true, false],
         ));
     }
-    let sp = &s.spool;
-    out.push_str("\nSPOOL\n");
+    render_spool(&mut out, "SPOOL", &s.spool);
+    match &s.upstream {
+        Some(l) => render_link(&mut out, now, l),
+        None => {
+            out.push_str("\nUPSTREAM none (no [upstream] configured: logs stay in the spool)\n")
+        }
+    }
+    out
+}
+
+fn render_spool(out: &mut String, title: &str, sp: &SpoolStatus) {
+    out.push_str(&format!("\n{title}\n"));
     out.push_str(&format!(
         "  depth       {} batch{} not yet acknowledged (durable up to {}, acknowledged up to {})\n",
         sp.depth_batches,
@@ -631,15 +662,8 @@ pub fn render_agent(s: &AgentStatus) -> String {
         ))
     ));
     if sp.full {
-        out.push_str("  state       FULL: sources are paused until the upstream acknowledges\n");
+        out.push_str("  state       FULL: new batches wait until the upstream acknowledges\n");
     }
-    match &s.upstream {
-        Some(l) => render_link(&mut out, now, l),
-        None => {
-            out.push_str("\nUPSTREAM none (no [upstream] configured: logs stay in the spool)\n")
-        }
-    }
-    out
 }
 
 /// The relay's status as a table for people.
@@ -712,6 +736,9 @@ pub fn render_relay(s: &RelayStatus) -> String {
     match &s.upstream {
         Some(l) => render_link(&mut out, now, l),
         None => out.push_str("\nUPSTREAM none (this relay stores what it receives)\n"),
+    }
+    if let Some(sp) = &s.spool {
+        render_spool(&mut out, "FORWARDING SPOOL", sp);
     }
     out
 }

@@ -209,6 +209,11 @@ fn agent_and_relay_status_follow_delivery_and_outage() {
     assert_eq!(a["streams"][0]["stream"], "logs");
     assert!(a["stored_bytes"].as_u64().unwrap() > 0);
     assert_eq!(r["upstream"], Value::Null);
+    assert_eq!(
+        r["spool"],
+        Value::Null,
+        "a storing relay has no forwarding spool"
+    );
     let (code, table, err) = status(&["-c", relay.config.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(table.starts_with("relay \"relay1\""), "{table}");
@@ -555,6 +560,8 @@ fn forwarding_relay_reports_its_upstream_link() {
     assert_eq!(m["upstream"]["address"], top.address());
     assert_eq!(m["upstream"]["relay_id"], "top");
     assert_eq!(m["agents"], json!([]));
+    assert_eq!(m["spool"]["depth_batches"], 0);
+    assert_eq!(m["spool"]["full"], false);
     let t = wait_status(
         &top.dir.join("relay.sock"),
         "mid at top",
@@ -570,6 +577,10 @@ fn forwarding_relay_reports_its_upstream_link() {
             "UPSTREAM {}\n  state       connected to relay \"top\"\n",
             top.address()
         )),
+        "{table}"
+    );
+    assert!(
+        table.contains("\nFORWARDING SPOOL\n  depth       0 batches"),
         "{table}"
     );
     top.stop();
