@@ -9,8 +9,9 @@
 //!   bytes.
 //! - [`render_agent`] / [`render_relay`] turn a snapshot into an aligned human table.
 //!
-//! Taking a snapshot only reads counters and short-held locks; it never blocks the
-//! pipeline (the relay store's lock is taken on the blocking pool).
+//! Taking a snapshot only reads counters and takes locks briefly; it never holds up the
+//! pipeline. The spool's and the store's locks can be held across an fsync, so
+//! snapshots are taken on the blocking pool, never on an async worker.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -180,7 +181,8 @@ pub struct LinkHandle {
 /// An upstream's address and its shipper's live status.
 pub type Upstream = (String, Arc<Mutex<UpstreamStatus>>);
 
-/// What a running agent shares with the control socket.
+/// What a running agent shares with the control socket (clones are cheap: handles).
+#[derive(Clone)]
 pub struct AgentHandles {
     pub id: String,
     pub sources: Vec<(String, SourceCounters)>,
@@ -335,6 +337,7 @@ fn spool_status(spool: &Spool, max_bytes: u64) -> SpoolStatus {
 }
 
 impl AgentHandles {
+    /// Blocking: takes the spool's lock, which its writer holds across an fsync.
     pub fn snapshot(&self) -> AgentStatus {
         AgentStatus {
             id: self.id.clone(),
@@ -435,8 +438,15 @@ impl Handler for AgentHandles {
     fn handle(&self, req: Value) -> HandlerFuture<'_> {
         Box::pin(async move {
             match control::cmd_of(&req) {
-                "status" => serde_json::to_value(Status::Agent(self.snapshot()))
-                    .map_err(|e| format!("cannot encode the status: {e}")),
+                "status" => {
+                    // The spool's lock is held across its fsyncs: wait on the blocking pool.
+                    let h = self.clone();
+                    let st = tokio::task::spawn_blocking(move || h.snapshot())
+                        .await
+                        .map_err(|e| format!("status failed: {e}"))?;
+                    serde_json::to_value(Status::Agent(st))
+                        .map_err(|e| format!("cannot encode the status: {e}"))
+                }
                 other => Err(control::unknown_command(other, COMMANDS)),
             }
         })
