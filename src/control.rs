@@ -25,7 +25,7 @@
 
 use std::future::Future;
 use std::io::ErrorKind;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -163,10 +163,16 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let listener = bind(path).await?;
+    let ours = std::fs::symlink_metadata(path)
+        .map(|m| (m.dev(), m.ino()))
+        .ok();
     tracing::info!("control socket listening on {}", path.display());
     run(listener, handler, shutdown).await;
     // Only remove what is still our socket: a successor may have replaced it already.
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+    let now = std::fs::symlink_metadata(path)
+        .map(|m| (m.dev(), m.ino()))
+        .ok();
+    if ours.is_some() && now == ours {
         let _ = std::fs::remove_file(path);
     }
     Ok(())

@@ -593,3 +593,20 @@ fn forwarding_relay_reports_its_upstream_link() {
     assert!(m["upstream"]["last_error"].is_string(), "{m:#}");
     mid.stop();
 }
+
+#[tokio::test]
+async fn shutdown_leaves_a_successors_socket_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sock, stop, server) = start(tmp.path());
+    wait_socket(&sock).await;
+    // Someone else took the path over (e.g. a new instance after ours hung).
+    std::fs::remove_file(&sock).unwrap();
+    let successor = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    stop.cancel();
+    server.await.unwrap();
+    assert!(
+        sock.exists(),
+        "the successor's socket must survive our shutdown"
+    );
+    drop(successor);
+}
