@@ -36,6 +36,7 @@ use crate::sources::file::{BatchLimits, FileSource, SourceStats};
 use crate::sources::journald::JournaldSource;
 use crate::sources::syslog::{self, SyslogLimits, SyslogListen, SyslogSource};
 use crate::spool::{Spool, SpoolOptions};
+use crate::status::{AgentHandles, SourceCounters};
 use crate::tls::ReloadableClientConfig;
 
 /// The stream name of an agent's routine log spool on the wire.
@@ -189,11 +190,13 @@ impl Agent {
             checkpoints,
             _lock,
         } = self;
+        let started = Instant::now(); // control: uptime
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         let (tx, rx) = mpsc::channel::<SealedBatch>(cpus * 2);
         let stop_sources = CancellationToken::new();
         let mut threads = Vec::new();
         let mut stats = AgentStats::default();
+        let mut ctl_sources = Vec::new(); // control: live counters for `soclink status`
         let mut tasks = Vec::new();
         let limits = BatchLimits {
             max_bytes: cfg.spool.batch_max_bytes,
@@ -210,6 +213,7 @@ impl Agent {
                         .unwrap_or_default();
                     let st = Arc::new(SourceStats::default());
                     stats.sources.push((s.name.clone(), st.clone()));
+                    ctl_sources.push((name.clone(), SourceCounters::File(st.clone()))); // control
                     let src = FileSource::new(
                         s.name.clone(),
                         cfg.host.clone(),
@@ -228,6 +232,8 @@ impl Agent {
                     );
                 }
                 SourceKind::Journald(jcfg) => {
+                    let jst = Arc::default(); // control
+                    ctl_sources.push((name.clone(), SourceCounters::Journald(Arc::clone(&jst))));
                     let cursor = checkpoints
                         .cursors
                         .get(&s.name)
@@ -241,7 +247,7 @@ impl Agent {
                         cursor,
                         tx.clone(),
                         stop_sources.clone(),
-                        Arc::default(),
+                        jst.clone(), // control: keep a handle for status
                     );
                     threads.push(
                         std::thread::Builder::new()
@@ -254,6 +260,7 @@ impl Agent {
                     let src = syslog_source(&s.name, &cfg.host, scfg, limits, tx.clone())
                         .await
                         .with_context(|| format!("source {:?}", s.name))?;
+                    ctl_sources.push((name.clone(), SourceCounters::Syslog(src.stats.clone()))); // control
                     tasks.push(tokio::spawn(src.run(stop_sources.clone())));
                 }
             }
@@ -270,6 +277,7 @@ impl Agent {
             shutdown.clone(),
         ));
         let ship_stop = CancellationToken::new();
+        let mut ctl_link = None; // control
         let shipper = match &cfg.upstream {
             Some(up) => {
                 let shipper = Shipper::with_lanes(
@@ -285,6 +293,7 @@ impl Agent {
                         },
                     ],
                 )?;
+                ctl_link = Some(shipper.status()); // control
                 let tls = shipper.tls();
                 spawn_reload_on_hup(tls, shutdown.clone());
                 let st = ship_stop.clone();
@@ -300,6 +309,14 @@ impl Agent {
             ship: cfg.upstream.is_some(),
         };
         let outbox_task = tokio::spawn(outbox.run(ship_stop.clone()));
+        // control: `soclink status` (see crate::status).
+        let ctl_up = cfg
+            .upstream
+            .as_ref()
+            .map(|u| u.address.clone())
+            .zip(ctl_link);
+        let ctl = AgentHandles::new(&cfg, ctl_sources, spool.clone(), ctl_up, started);
+        crate::control::spawn(cfg.control_socket.clone(), Arc::new(ctl), shutdown.clone());
         tracing::info!(
             "agent {:?} started: {} source(s), state in {}",
             cfg.id,

@@ -88,9 +88,10 @@ pub async fn run(dir: Option<PathBuf>, lines: u64) -> Result<()> {
     );
 
     let relay_cfg = config::parse_relay(&format!(
-        "id = \"demo-relay\"\nlisten = [\"127.0.0.1:0\"]\nstate_dir = {:?}\nstore_dir = {:?}\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        "id = \"demo-relay\"\nlisten = [\"127.0.0.1:0\"]\nstate_dir = {:?}\nstore_dir = {:?}\ncontrol_socket = {:?}\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
         path(&dir.join("relay-state")),
         path(&dir.join("store")),
+        path(&dir.join("relay.sock")),
         path(&certs.join("ca.pem")),
         path(&certs.join("relay.pem")),
         path(&certs.join("relay-key.pem")),

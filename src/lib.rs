@@ -15,12 +15,15 @@
 //! - [`ship`]: the agent side of the link: window, acknowledgements, reconnects.
 //! - [`relay`]: the receiving end: TLS server, dedupe, durable store.
 //! - [`incident`]: incident records and deadlines, evidence bundles, bundle verification.
+//! - [`control`]: the local control socket (Unix, JSON) the CLI talks to.
+//! - [`status`]: `soclink status`: snapshots of live counters and their rendering.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod batch;
 pub mod certs;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod event;
 pub mod incident;
@@ -29,5 +32,6 @@ pub mod relay;
 pub mod ship;
 pub mod sources;
 pub mod spool;
+pub mod status;
 pub mod tls;
 pub mod util;

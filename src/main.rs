@@ -84,6 +84,19 @@ enum Cmd {
         #[arg(long, default_value_t = 1 << 20)]
         batch_bytes: usize,
     },
+    /// Show what a running agent (or relay) is doing: sources, spool, upstream link;
+    /// for a relay its connected agents. Exit 1 if it is not running.
+    Status {
+        /// The control socket (default: the config's `control_socket`, else the agent's).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Agent or relay configuration file to read `control_socket` from.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Print the status as JSON (stable field names) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect the agent's on-disk spool.
     Spool {
         #[command(subcommand)]
@@ -236,6 +249,11 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             rt.block_on(soclink::demo::run(dir, lines))?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Status {
+            socket,
+            config,
+            json,
+        } => Ok(soclink::status::cli(socket, config, json)),
         Cmd::CheckConfig { config, kind } => check_config(&config, kind),
         Cmd::Incident(args) => {
             let settings = config::load_agent(&args.config)

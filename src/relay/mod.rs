@@ -74,6 +74,7 @@ pub async fn run(
     let _lock = crate::agent::lock_state_dir(&cfg.state_dir)?;
     let mut shipper_task = None;
     let mut upstream_status = None;
+    let mut ctl_spool = None; // control
     let (sink, writer) = match &cfg.upstream {
         None => {
             let (store, recovery) = Store::open(StoreOptions {
@@ -101,6 +102,7 @@ pub async fn run(
             }
             let shipper = Shipper::new(up.clone(), spool.clone(), "fwd")?;
             upstream_status = Some(shipper.status());
+            ctl_spool = Some(spool.clone()); // control: forwarding backlog for status
             let sd = shutdown.clone();
             shipper_task = Some(tokio::spawn(async move { shipper.run(sd).await }));
             Sink::forward(spool)?
@@ -125,6 +127,19 @@ pub async fn run(
             tracing::info!("relay {:?} listening on {a}", cfg.id);
         }
     }
+    // control: `soclink status` (see crate::status).
+    let ctl_up = cfg
+        .upstream
+        .as_ref()
+        .map(|u| u.address.clone())
+        .zip(upstream_status.clone());
+    crate::status::spawn_relay_control(
+        &cfg,
+        peers.clone(),
+        sink.store_handle(),
+        ctl_up.zip(ctl_spool),
+        shutdown.clone(),
+    );
     on_ready(RelayHandles {
         peers,
         tls,
