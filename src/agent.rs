@@ -176,6 +176,7 @@ impl Agent {
         let mut threads = Vec::new();
         let mut stats = AgentStats::default();
         let mut tasks = Vec::new();
+        let mut counters = Vec::new(); // service: events read, for STATUS=
         let limits = BatchLimits {
             max_bytes: cfg.spool.batch_max_bytes,
             max_delay: cfg.spool.batch_max_delay,
@@ -191,6 +192,7 @@ impl Agent {
                         .unwrap_or_default();
                     let st = Arc::new(SourceStats::default());
                     stats.sources.push((s.name.clone(), st.clone()));
+                    counters.push(crate::service::SourceCounter::File(st.clone()));
                     let src = FileSource::new(
                         s.name.clone(),
                         cfg.host.clone(),
@@ -214,6 +216,8 @@ impl Agent {
                         .get(&s.name)
                         .and_then(|c| c.as_str())
                         .map(str::to_string);
+                    let st = Arc::default();
+                    counters.push(crate::service::SourceCounter::Journald(Arc::clone(&st)));
                     let src = JournaldSource::new(
                         s.name.clone(),
                         cfg.host.clone(),
@@ -222,7 +226,7 @@ impl Agent {
                         cursor,
                         tx.clone(),
                         stop_sources.clone(),
-                        Arc::default(),
+                        st,
                     );
                     threads.push(
                         std::thread::Builder::new()
@@ -235,6 +239,7 @@ impl Agent {
                     let src = syslog_source(&s.name, &cfg.host, scfg, limits, tx.clone())
                         .await
                         .with_context(|| format!("source {:?}", s.name))?;
+                    counters.push(crate::service::SourceCounter::Syslog(src.stats.clone()));
                     tasks.push(tokio::spawn(src.run(stop_sources.clone())));
                 }
             }
@@ -243,17 +248,21 @@ impl Agent {
         let (htx, hrx) = mpsc::channel::<JoinHandle<Compressed>>(cpus + 1);
         let level = cfg.spool.compression_level;
         let compressor = tokio::spawn(compress_stage(rx, htx, level));
+        let heartbeat = crate::service::Heartbeat::new(); // service: watchdog
         let writer = tokio::spawn(write_stage(
             hrx,
             spool.clone(),
             checkpoints,
             Checkpoints::path(&cfg.state_dir),
             shutdown.clone(),
+            heartbeat.clone(),
         ));
         let ship_stop = CancellationToken::new();
+        let mut upstream_status = None;
         let shipper = match &cfg.upstream {
             Some(up) => {
                 let shipper = Shipper::new(up.clone(), spool.clone(), LOG_STREAM)?;
+                upstream_status = Some(shipper.status()); // service: STATUS=
                 let tls = shipper.tls();
                 spawn_reload_on_hup(tls, shutdown.clone());
                 let st = ship_stop.clone();
@@ -267,6 +276,13 @@ impl Agent {
             cfg.sources.len(),
             cfg.state_dir.display()
         );
+        // service: READY=1 (the upstream link may still be connecting), STATUS=, watchdog.
+        let figures = crate::service::AgentFigures {
+            sources: counters,
+            spool: spool.clone(),
+            upstream: upstream_status,
+        };
+        crate::service::agent_started(figures, heartbeat, shutdown.clone());
         let mut writer = writer;
         let failed = tokio::select! {
             _ = shutdown.cancelled() => None,
@@ -286,6 +302,7 @@ impl Agent {
             tracing::error!("pipeline failed: {err:#}");
             return Err(err.context("the agent's pipeline failed"));
         }
+        crate::service::stopping(); // service: STOPPING=1
         tracing::info!("stopping: sealing and spooling what the sources hold");
         stop_sources.cancel();
         tokio::task::spawn_blocking(move || {
@@ -342,13 +359,20 @@ async fn write_stage(
     mut checkpoints: Checkpoints,
     ck_path: PathBuf,
     shutdown: CancellationToken,
+    heartbeat: crate::service::Heartbeat,
 ) -> Result<()> {
     let mut last_store = Instant::now();
     let mut dirty = false;
     let mut full_logged = false;
     let mut acked = spool.watch_acked();
     loop {
-        let Some(first) = rx.recv().await else {
+        // service: beat for the watchdog at least every second, also when idle.
+        heartbeat.beat();
+        let first = tokio::select! {
+            r = rx.recv() => r,
+            _ = tokio::time::sleep(crate::service::HEARTBEAT_EVERY) => continue,
+        };
+        let Some(first) = first else {
             break;
         };
         let mut group = vec![first.await?];
@@ -376,6 +400,7 @@ async fn write_stage(
                     );
                     full_logged = true;
                 }
+                heartbeat.beat(); // service: a full spool is waiting, not stuck
                 tokio::select! {
                     r = acked.changed() => { if r.is_err() { break; } }
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -466,10 +491,14 @@ fn spawn_reload_on_hup(tls: Arc<ReloadableClientConfig>, shutdown: CancellationT
         };
         loop {
             tokio::select! {
-                _ = hup.recv() => match tls.reload() {
-                    Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
-                    Err(e) => tracing::error!("SIGHUP: keeping the old certificates: {e}"),
-                },
+                _ = hup.recv() => {
+                    crate::service::reloading(); // service: RELOADING=1 .. READY=1
+                    match tls.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+                        Err(e) => tracing::error!("SIGHUP: keeping the old certificates: {e}"),
+                    }
+                    crate::service::ready();
+                }
                 _ = shutdown.cancelled() => return,
             }
         }

@@ -14,6 +14,7 @@
 //! - [`certs`]: throwaway development certificates (`soclink certs dev`).
 //! - [`ship`]: the agent side of the link: window, acknowledgements, reconnects.
 //! - [`relay`]: the receiving end: TLS server, dedupe, durable store.
+//! - [`service`]: sd_notify and the watchdog when run as a systemd service.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -24,6 +25,7 @@ pub mod demo;
 pub mod event;
 pub mod protocol;
 pub mod relay;
+pub mod service;
 pub mod ship;
 pub mod sources;
 pub mod spool;

@@ -329,10 +329,14 @@ fn spawn_relay_reload(
         };
         loop {
             tokio::select! {
-                _ = hup.recv() => match tls.reload() {
-                    Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
-                    Err(e) => tracing::error!("SIGHUP: keeping the old certificates: {e}"),
-                },
+                _ = hup.recv() => {
+                    soclink::service::reloading(); // service: RELOADING=1 .. READY=1
+                    match tls.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+                        Err(e) => tracing::error!("SIGHUP: keeping the old certificates: {e}"),
+                    }
+                    soclink::service::ready();
+                }
                 _ = shutdown.cancelled() => return,
             }
         }

@@ -124,6 +124,10 @@ pub async fn run(
             tracing::info!("relay {:?} listening on {a}", cfg.id);
         }
     }
+    // service: READY=1 after bind and store open, STATUS= with connections, watchdog.
+    let heartbeat = crate::service::Heartbeat::new();
+    let (sd_peers, sd_upstream) = (peers.clone(), upstream_status.clone());
+    crate::service::relay_started(sd_peers, sd_upstream, heartbeat.clone(), shutdown.clone());
     on_ready(RelayHandles {
         peers,
         tls,
@@ -148,10 +152,12 @@ pub async fn run(
                     shutdown.cancel();
                     return;
                 }
+                heartbeat.beat(); // service: the writer is alive and the runtime runs
             }
         });
     }
     server.run(listeners, shutdown.clone()).await;
+    crate::service::stopping(); // service: STOPPING=1
     sink.stop();
     drop(sink);
     // The server's connections hold sink clones; they end with their tasks.
