@@ -484,11 +484,11 @@ pub fn positions(ck: &Checkpoints) -> HashMap<String, Vec<FilePos>> {
 /// SIGHUP: re-read the TLS certificate and key (rotation without a restart). A failed
 /// reload keeps the old ones and says why.
 fn spawn_reload_on_hup(tls: Arc<ReloadableClientConfig>, shutdown: CancellationToken) {
+    // service: register now, before READY=1, so an early SIGHUP cannot kill the agent.
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
     tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            return;
-        };
         loop {
             tokio::select! {
                 _ = hup.recv() => {

@@ -322,11 +322,12 @@ fn spawn_relay_reload(
     tls: std::sync::Arc<soclink::tls::ReloadableServerConfig>,
     shutdown: CancellationToken,
 ) {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Registered now, before READY=1, so an early SIGHUP cannot kill the relay.
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
         loop {
             tokio::select! {
                 _ = hup.recv() => {

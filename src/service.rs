@@ -261,6 +261,9 @@ pub fn agent_started(figures: AgentFigures, hb: Heartbeat, shutdown: Cancellatio
         figures.sources.len(),
         upstream_text(up.as_ref(), SystemTime::now())
     ));
+    if figures.upstream.is_none() {
+        spawn_idle_reload(shutdown.clone());
+    }
     ready();
     spawn_watchdog(hb, shutdown.clone());
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
@@ -288,6 +291,28 @@ pub fn agent_started(figures: AgentFigures, hb: Heartbeat, shutdown: Cancellatio
                 &figures.spool.stats(),
                 up.as_ref(),
             ));
+        }
+    });
+}
+
+/// Without an upstream the agent has no certificates to reload, but SIGHUP's default
+/// action would kill it: `systemctl reload` must never stop log collection.
+fn spawn_idle_reload(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Registered before READY=1 is sent, so a reload right after start is handled.
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    reloading();
+                    tracing::info!("SIGHUP: no [upstream], so no certificates to reload");
+                    ready();
+                }
+                _ = shutdown.cancelled() => return,
+            }
         }
     });
 }

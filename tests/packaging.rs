@@ -43,7 +43,7 @@ fn run(cmd: &mut Command) -> Output {
 fn directive(unit: &str, key: &str) -> Option<String> {
     unit.lines()
         .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-        .last()
+        .next_back()
         .map(str::to_string)
 }
 

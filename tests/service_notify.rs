@@ -265,3 +265,40 @@ fn relay_notifies_ready_watchdog_connections_stopping() {
     // RelayProc must not try to stop a process it did not start.
     relay.child = None;
 }
+
+/// Without `[upstream]` there is nothing to reload, but `systemctl reload` (SIGHUP)
+/// must not kill the agent (SIGHUP's default action).
+#[test]
+fn agent_without_upstream_survives_reload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let logfile = dir.join("app.log");
+    std::fs::write(&logfile, "one line\n").unwrap();
+    let agent = AgentProc::new(dir, &file_source("app", &[&logfile], ""), "");
+    let sock = dir.join("notify.sock");
+    let mut n = Notifications::bind(&sock);
+    let log = dir.join("agent.log");
+    let mut child = spawn_notified("agent", &agent.config, &sock, &log);
+    n.wait(Duration::from_secs(10), "READY=1", |m| m == "READY=1");
+    assert!(
+        n.got.iter().any(|(_, m)| m
+            == "STATUS=started: 1 source(s); no upstream configured (batches stay in the spool)"),
+        "{:?}",
+        n.got
+    );
+    signal(&child, "-HUP");
+    n.wait(Duration::from_secs(5), "RELOADING=1", |m| {
+        m == "RELOADING=1"
+    });
+    n.wait(Duration::from_secs(5), "READY=1 after the reload", |m| {
+        m == "READY=1"
+    });
+    n.collect_for(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP killed the agent"
+    );
+    signal(&child, "-TERM");
+    n.wait(Duration::from_secs(10), "STOPPING=1", |m| m == "STOPPING=1");
+    wait_exit(child, &log);
+}

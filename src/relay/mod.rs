@@ -124,16 +124,16 @@ pub async fn run(
             tracing::info!("relay {:?} listening on {a}", cfg.id);
         }
     }
-    // service: READY=1 after bind and store open, STATUS= with connections, watchdog.
-    let heartbeat = crate::service::Heartbeat::new();
-    let (sd_peers, sd_upstream) = (peers.clone(), upstream_status.clone());
-    crate::service::relay_started(sd_peers, sd_upstream, heartbeat.clone(), shutdown.clone());
+    let (sd_peers, sd_upstream) = (peers.clone(), upstream_status.clone()); // service
     on_ready(RelayHandles {
         peers,
         tls,
         upstream: upstream_status,
         sink: sink.clone(),
     });
+    // service: READY=1 after bind, store open and on_ready (SIGHUP handler), watchdog.
+    let heartbeat = crate::service::Heartbeat::new();
+    crate::service::relay_started(sd_peers, sd_upstream, heartbeat.clone(), shutdown.clone());
     // The writer stops only on a storage failure: then the relay stops too, so that a
     // restart's recovery decides what is durable.
     let writer_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
