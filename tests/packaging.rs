@@ -6,8 +6,8 @@
 //! The package tests build a .deb and install it with dpkg (as root), so they run only
 //! when asked: `SOCLINK_PACKAGE_TESTS=1` or `CI=true`. They stage the package with
 //! `dpkg-deb --build` from the metadata's asset list (no extra tool needed); when
-//! `cargo deb` is installed and the test binary is a release build, they also build
-//! the package with `cargo deb --no-build` and require the same file list.
+//! `cargo deb` is installed they also build the package with `cargo deb --no-build`
+//! from the binary under test and require the same file list, then install that one.
 
 mod common;
 
@@ -264,10 +264,11 @@ fn deb_files(deb: &Path) -> BTreeSet<(String, String)> {
 fn build_with_cargo_deb(out: &Path) -> Option<PathBuf> {
     let bin = Path::new(common::bin());
     let target_dir = bin.parent()?.parent()?;
-    if bin.parent()?.file_name()? != "release" {
-        eprintln!("cargo deb not tried: the test binary is not a release build");
-        return None;
-    }
+    // The profile whose binary the test runs: cargo deb packages that very file.
+    let profile = match bin.parent()?.file_name()?.to_str()? {
+        "debug" => "dev",
+        other => other,
+    };
     let probe = Command::new("cargo").args(["deb", "--version"]).output();
     if !probe.is_ok_and(|o| o.status.success()) {
         eprintln!("cargo deb not tried: it is not installed");
@@ -275,7 +276,7 @@ fn build_with_cargo_deb(out: &Path) -> Option<PathBuf> {
     }
     let deb = out.join("soclink-cargo-deb.deb");
     run(Command::new("cargo")
-        .args(["deb", "--no-build", "--fast", "-o"])
+        .args(["deb", "--no-build", "--fast", "--profile", profile, "-o"])
         .arg(&deb)
         .current_dir(repo())
         .env("CARGO_TARGET_DIR", target_dir));
@@ -353,6 +354,7 @@ fn deb_builds_installs_runs_and_removes() {
         "soclink is already installed on this machine: refusing to replace it from a test"
     );
     let guard = Installed;
+    println!("installing {}", deb.display());
     run(Command::new("dpkg").arg("-i").arg(&deb));
 
     let version = run(Command::new("/usr/bin/soclink").arg("--version"));
