@@ -283,12 +283,22 @@ fn build_with_cargo_deb(out: &Path) -> Option<PathBuf> {
     Some(deb)
 }
 
-/// Purges the package even when an assertion fails half-way.
-struct Installed;
+/// State directories the package's tmpfiles.d creates (and purge keeps, by design).
+const STATE_DIRS: [&str; 2] = ["/var/lib/soclink", "/var/lib/soclink-relay"];
+
+/// Purges the package even when an assertion fails half-way, and removes the (empty)
+/// state directories the test created.
+struct Installed {
+    created: Vec<&'static str>,
+}
 
 impl Drop for Installed {
     fn drop(&mut self) {
         let _ = Command::new("dpkg").args(["--purge", "soclink"]).output();
+        for d in &self.created {
+            // Fails, and keeps it, unless it is empty.
+            let _ = std::fs::remove_dir(d);
+        }
     }
 }
 
@@ -353,7 +363,12 @@ fn deb_builds_installs_runs_and_removes() {
             .success(),
         "soclink is already installed on this machine: refusing to replace it from a test"
     );
-    let guard = Installed;
+    let guard = Installed {
+        created: STATE_DIRS
+            .into_iter()
+            .filter(|d| !Path::new(d).exists())
+            .collect(),
+    };
     println!("installing {}", deb.display());
     run(Command::new("dpkg").arg("-i").arg(&deb));
 
@@ -378,6 +393,17 @@ fn deb_builds_installs_runs_and_removes() {
         String::from_utf8_lossy(&stat.stdout).trim(),
         "root:soclink 750"
     );
+    // postinst applies tmpfiles.d where systemd-tmpfiles exists (the units also create
+    // these at start through StateDirectory=).
+    let tmpfiles = Command::new("systemd-tmpfiles").arg("--version").output();
+    let tmpfiles = tmpfiles.is_ok_and(|o| o.status.success());
+    for d in STATE_DIRS.into_iter().filter(|_| tmpfiles) {
+        let stat = run(Command::new("stat").args(["-c", "%U:%G %a", d]));
+        assert_eq!(
+            String::from_utf8_lossy(&stat.stdout).trim(),
+            "soclink:soclink 750"
+        );
+    }
     // ... and enabled nothing: the configuration has no certificates yet.
     for unit in UNITS {
         let wants = Path::new("/etc/systemd/system/multi-user.target.wants").join(unit);
@@ -391,6 +417,10 @@ fn deb_builds_installs_runs_and_removes() {
     assert!(Path::new("/etc/soclink/agent.toml").exists());
     run(Command::new("dpkg").args(["--purge", "soclink"]));
     assert!(!Path::new("/etc/soclink/agent.toml").exists());
+    // Purge never deletes spooled or stored data.
+    for d in STATE_DIRS.into_iter().filter(|_| tmpfiles) {
+        assert!(Path::new(d).is_dir(), "purge removed {d}");
+    }
     drop(guard);
     println!(
         "package built, installed and removed in {:?}",

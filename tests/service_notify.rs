@@ -85,12 +85,24 @@ impl Notifications {
     }
 }
 
+/// A child process that is killed if the test fails before it exits.
+struct Proc(Option<Child>);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Start `soclink <role> -c <config>` as systemd would for a Type=notify unit with
 /// WatchdogSec=500ms (WATCHDOG_PID unset: libsystemd then accepts the watchdog for
 /// whichever process reads it, which is this child).
-fn spawn_notified(role: &str, config: &Path, notify: &Path, log: &Path) -> Child {
+fn spawn_notified(role: &str, config: &Path, notify: &Path, log: &Path) -> Proc {
     let log = std::fs::File::create(log).unwrap();
-    Command::new(bin())
+    let child = Command::new(bin())
         .args([role, "-c"])
         .arg(config)
         .env("SOCLINK_LOG", "info")
@@ -100,23 +112,27 @@ fn spawn_notified(role: &str, config: &Path, notify: &Path, log: &Path) -> Child
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .unwrap()
+        .unwrap();
+    Proc(Some(child))
 }
 
-fn signal(child: &Child, sig: &str) {
+fn signal(p: &Proc, sig: &str) {
+    let pid = p.0.as_ref().unwrap().id();
     assert!(
         Command::new("kill")
-            .args([sig, &child.id().to_string()])
+            .args([sig, &pid.to_string()])
             .status()
             .unwrap()
             .success()
     );
 }
 
-fn wait_exit(mut child: Child, log: &Path) {
+fn wait_exit(mut p: Proc, log: &Path) {
+    let child = p.0.as_mut().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = child.try_wait().unwrap() {
+            p.0 = None;
             assert!(
                 status.success(),
                 "exited with {status}; log:\n{}",
@@ -125,7 +141,6 @@ fn wait_exit(mut child: Child, log: &Path) {
             return;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
             panic!("did not stop within 20s after SIGTERM");
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -295,7 +310,7 @@ fn agent_without_upstream_survives_reload() {
     });
     n.collect_for(Duration::from_millis(300));
     assert!(
-        child.try_wait().unwrap().is_none(),
+        child.0.as_mut().unwrap().try_wait().unwrap().is_none(),
         "SIGHUP killed the agent"
     );
     signal(&child, "-TERM");
