@@ -198,6 +198,7 @@ impl Agent {
         let mut stats = AgentStats::default();
         let mut ctl_sources = Vec::new(); // control: live counters for `soclink status`
         let mut tasks = Vec::new();
+        let mut counters = Vec::new(); // service: events read, for STATUS=
         let limits = BatchLimits {
             max_bytes: cfg.spool.batch_max_bytes,
             max_delay: cfg.spool.batch_max_delay,
@@ -214,6 +215,7 @@ impl Agent {
                     let st = Arc::new(SourceStats::default());
                     stats.sources.push((s.name.clone(), st.clone()));
                     ctl_sources.push((name.clone(), SourceCounters::File(st.clone()))); // control
+                    counters.push(crate::service::SourceCounter::File(st.clone()));
                     let src = FileSource::new(
                         s.name.clone(),
                         cfg.host.clone(),
@@ -232,8 +234,9 @@ impl Agent {
                     );
                 }
                 SourceKind::Journald(jcfg) => {
-                    let jst = Arc::default(); // control
+                    let jst = Arc::default(); // control, service
                     ctl_sources.push((name.clone(), SourceCounters::Journald(Arc::clone(&jst))));
+                    counters.push(crate::service::SourceCounter::Journald(Arc::clone(&jst)));
                     let cursor = checkpoints
                         .cursors
                         .get(&s.name)
@@ -261,6 +264,7 @@ impl Agent {
                         .await
                         .with_context(|| format!("source {:?}", s.name))?;
                     ctl_sources.push((name.clone(), SourceCounters::Syslog(src.stats.clone()))); // control
+                    counters.push(crate::service::SourceCounter::Syslog(src.stats.clone()));
                     tasks.push(tokio::spawn(src.run(stop_sources.clone())));
                 }
             }
@@ -269,15 +273,18 @@ impl Agent {
         let (htx, hrx) = mpsc::channel::<JoinHandle<Compressed>>(cpus + 1);
         let level = cfg.spool.compression_level;
         let compressor = tokio::spawn(compress_stage(rx, htx, level));
+        let heartbeat = crate::service::Heartbeat::new(); // service: watchdog
         let writer = tokio::spawn(write_stage(
             hrx,
             spool.clone(),
             checkpoints,
             Checkpoints::path(&cfg.state_dir),
             shutdown.clone(),
+            heartbeat.clone(),
         ));
         let ship_stop = CancellationToken::new();
         let mut ctl_link = None; // control
+        let mut upstream_status = None;
         let shipper = match &cfg.upstream {
             Some(up) => {
                 let shipper = Shipper::with_lanes(
@@ -294,6 +301,7 @@ impl Agent {
                     ],
                 )?;
                 ctl_link = Some(shipper.status()); // control
+                upstream_status = Some(shipper.status()); // service: STATUS=
                 let tls = shipper.tls();
                 spawn_reload_on_hup(tls, shutdown.clone());
                 let st = ship_stop.clone();
@@ -323,6 +331,13 @@ impl Agent {
             cfg.sources.len(),
             cfg.state_dir.display()
         );
+        // service: READY=1 (the upstream link may still be connecting), STATUS=, watchdog.
+        let figures = crate::service::AgentFigures {
+            sources: counters,
+            spool: spool.clone(),
+            upstream: upstream_status,
+        };
+        crate::service::agent_started(figures, heartbeat, shutdown.clone());
         let mut writer = writer;
         let failed = tokio::select! {
             _ = shutdown.cancelled() => None,
@@ -342,6 +357,7 @@ impl Agent {
             tracing::error!("pipeline failed: {err:#}");
             return Err(err.context("the agent's pipeline failed"));
         }
+        crate::service::stopping(); // service: STOPPING=1
         tracing::info!("stopping: sealing and spooling what the sources hold");
         stop_sources.cancel();
         tokio::task::spawn_blocking(move || {
@@ -400,13 +416,20 @@ async fn write_stage(
     mut checkpoints: Checkpoints,
     ck_path: PathBuf,
     shutdown: CancellationToken,
+    heartbeat: crate::service::Heartbeat,
 ) -> Result<()> {
     let mut last_store = Instant::now();
     let mut dirty = false;
     let mut full_logged = false;
     let mut acked = spool.watch_acked();
     loop {
-        let Some(first) = rx.recv().await else {
+        // service: beat for the watchdog at least every second, also when idle.
+        heartbeat.beat();
+        let first = tokio::select! {
+            r = rx.recv() => r,
+            _ = tokio::time::sleep(crate::service::HEARTBEAT_EVERY) => continue,
+        };
+        let Some(first) = first else {
             break;
         };
         let mut group = vec![first.await?];
@@ -434,6 +457,7 @@ async fn write_stage(
                     );
                     full_logged = true;
                 }
+                heartbeat.beat(); // service: a full spool is waiting, not stuck
                 tokio::select! {
                     r = acked.changed() => { if r.is_err() { break; } }
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -517,17 +541,21 @@ pub fn positions(ck: &Checkpoints) -> HashMap<String, Vec<FilePos>> {
 /// SIGHUP: re-read the TLS certificate and key (rotation without a restart). A failed
 /// reload keeps the old ones and says why.
 fn spawn_reload_on_hup(tls: Arc<ReloadableClientConfig>, shutdown: CancellationToken) {
+    // service: register now, before READY=1, so an early SIGHUP cannot kill the agent.
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
     tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            return;
-        };
         loop {
             tokio::select! {
-                _ = hup.recv() => match tls.reload() {
-                    Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
-                    Err(e) => tracing::error!("SIGHUP: keeping the old certificates: {e}"),
-                },
+                _ = hup.recv() => {
+                    crate::service::reloading(); // service: RELOADING=1 .. READY=1
+                    match tls.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+                        Err(e) => tracing::error!("SIGHUP: keeping the old certificates: {e}"),
+                    }
+                    crate::service::ready();
+                }
                 _ = shutdown.cancelled() => return,
             }
         }

@@ -17,6 +17,7 @@
 //! - [`incident`]: incident records and deadlines, evidence bundles, bundle verification.
 //! - [`control`]: the local control socket (Unix, JSON) the CLI talks to.
 //! - [`status`]: `soclink status`: snapshots of live counters and their rendering.
+//! - [`service`]: sd_notify and the watchdog when run as a systemd service.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -29,6 +30,7 @@ pub mod event;
 pub mod incident;
 pub mod protocol;
 pub mod relay;
+pub mod service;
 pub mod ship;
 pub mod sources;
 pub mod spool;

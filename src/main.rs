@@ -406,17 +406,22 @@ fn spawn_relay_reload(
     tls: std::sync::Arc<soclink::tls::ReloadableServerConfig>,
     shutdown: CancellationToken,
 ) {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Registered now, before READY=1, so an early SIGHUP cannot kill the relay.
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
         loop {
             tokio::select! {
-                _ = hup.recv() => match tls.reload() {
-                    Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
-                    Err(e) => tracing::error!("SIGHUP: keeping the old certificates: {e}"),
-                },
+                _ = hup.recv() => {
+                    soclink::service::reloading(); // service: RELOADING=1 .. READY=1
+                    match tls.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+                        Err(e) => tracing::error!("SIGHUP: keeping the old certificates: {e}"),
+                    }
+                    soclink::service::ready();
+                }
                 _ = shutdown.cancelled() => return,
             }
         }

@@ -140,12 +140,16 @@ pub async fn run(
         ctl_up.zip(ctl_spool),
         shutdown.clone(),
     );
+    let (sd_peers, sd_upstream) = (peers.clone(), upstream_status.clone()); // service
     on_ready(RelayHandles {
         peers,
         tls,
         upstream: upstream_status,
         sink: sink.clone(),
     });
+    // service: READY=1 after bind, store open and on_ready (SIGHUP handler), watchdog.
+    let heartbeat = crate::service::Heartbeat::new();
+    crate::service::relay_started(sd_peers, sd_upstream, heartbeat.clone(), shutdown.clone());
     // The writer stops only on a storage failure: then the relay stops too, so that a
     // restart's recovery decides what is durable.
     let writer_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -164,10 +168,12 @@ pub async fn run(
                     shutdown.cancel();
                     return;
                 }
+                heartbeat.beat(); // service: the writer is alive and the runtime runs
             }
         });
     }
     server.run(listeners, shutdown.clone()).await;
+    crate::service::stopping(); // service: STOPPING=1
     sink.stop();
     drop(sink);
     // The server's connections hold sink clones; they end with their tasks.

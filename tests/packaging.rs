@@ -1,0 +1,429 @@
+//! Packaging: the systemd units are hardened (systemd-analyze security must rate each
+//! 2.0 or lower, "OK") and agree with the built-in defaults; the Debian package built
+//! from `[package.metadata.deb]` in Cargo.toml has the right contents, installs, runs
+//! and removes cleanly.
+//!
+//! The package tests build a .deb and install it with dpkg (as root), so they run only
+//! when asked: `SOCLINK_PACKAGE_TESTS=1` or `CI=true`. They stage the package with
+//! `dpkg-deb --build` from the metadata's asset list (no extra tool needed); when
+//! `cargo deb` is installed they also build the package with `cargo deb --no-build`
+//! from the binary under test and require the same file list, then install that one.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const UNITS: [&str; 2] = ["soclink-agent.service", "soclink-relay.service"];
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn unit_path(name: &str) -> PathBuf {
+    repo().join("packaging/systemd").join(name)
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}:\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The unit's value for `key` (last assignment wins, as in systemd).
+fn directive(unit: &str, key: &str) -> Option<String> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .next_back()
+        .map(str::to_string)
+}
+
+#[test]
+fn units_pass_systemd_analyze_security_at_2_or_lower() {
+    let tool = Command::new("systemd-analyze").arg("--version").output();
+    assert!(
+        tool.is_ok_and(|o| o.status.success()),
+        "systemd-analyze is missing: install the Debian package `systemd`"
+    );
+    for name in UNITS {
+        let out = run(Command::new("systemd-analyze")
+            .args(["security", "--offline=true"])
+            .arg(unit_path(name)));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // A misspelt hardening directive is ignored by systemd with only a warning.
+        assert!(
+            !stderr.contains("Unknown key") && !stderr.contains("ignoring"),
+            "{name}: systemd ignores part of the unit:\n{stderr}"
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let prefix = format!("Overall exposure level for {name}: ");
+        let line = stdout
+            .lines()
+            .find_map(|l| l.trim_start_matches("→ ").strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no exposure line for {name}:\n{stdout}"));
+        let mut words = line.split_whitespace();
+        let level: f64 = words.next().unwrap().parse().unwrap();
+        let verdict = words.next().unwrap();
+        println!("{name}: overall exposure level {level} {verdict}");
+        assert!(
+            level <= 2.0 && verdict == "OK",
+            "{name} is rated {line}; the full report:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn units_agree_with_the_built_in_defaults() {
+    use soclink::config::{
+        DEFAULT_CONTROL_SOCKET, DEFAULT_RELAY_CONTROL_SOCKET, DEFAULT_RELAY_STATE_DIR,
+        DEFAULT_STATE_DIR,
+    };
+    let agent = std::fs::read_to_string(unit_path(UNITS[0])).unwrap();
+    let relay = std::fs::read_to_string(unit_path(UNITS[1])).unwrap();
+    for (unit, role, state) in [
+        (&agent, "agent", DEFAULT_STATE_DIR),
+        (&relay, "relay", DEFAULT_RELAY_STATE_DIR),
+    ] {
+        assert_eq!(directive(unit, "Type").as_deref(), Some("notify"));
+        assert_eq!(
+            directive(unit, "ExecStart"),
+            Some(format!(
+                "/usr/bin/soclink {role} -c /etc/soclink/{role}.toml"
+            ))
+        );
+        assert_eq!(
+            directive(unit, "ExecReload").as_deref(),
+            Some("/bin/kill -HUP $MAINPID")
+        );
+        assert!(directive(unit, "WatchdogSec").is_some());
+        assert_eq!(directive(unit, "User").as_deref(), Some("soclink"));
+        assert_eq!(directive(unit, "ProtectSystem").as_deref(), Some("strict"));
+        // ProtectSystem=strict: the state directory is writable only because it is
+        // the unit's StateDirectory.
+        assert_eq!(
+            Some(format!(
+                "/var/lib/{}",
+                directive(unit, "StateDirectory").unwrap()
+            )),
+            Some(state.to_string())
+        );
+        assert_eq!(
+            directive(unit, "RuntimeDirectory").as_deref(),
+            Some("soclink")
+        );
+    }
+    for sock in [DEFAULT_CONTROL_SOCKET, DEFAULT_RELAY_CONTROL_SOCKET] {
+        assert_eq!(Path::new(sock).parent(), Some(Path::new("/run/soclink")));
+    }
+    // Only the agent may bind below 1024 (syslog on 514) and read the logs' groups.
+    assert_eq!(
+        directive(&agent, "CapabilityBoundingSet").as_deref(),
+        Some("CAP_NET_BIND_SERVICE")
+    );
+    assert_eq!(
+        directive(&agent, "SupplementaryGroups").as_deref(),
+        Some("adm systemd-journal")
+    );
+    assert_eq!(
+        directive(&relay, "CapabilityBoundingSet").as_deref(),
+        Some("")
+    );
+    assert_eq!(directive(&relay, "SupplementaryGroups"), None);
+}
+
+// ---------------------------------------------------------------------------------------
+// The Debian package
+// ---------------------------------------------------------------------------------------
+
+fn package_tests_enabled() -> bool {
+    let on = std::env::var("SOCLINK_PACKAGE_TESTS").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok_and(|v| v == "true");
+    if !on {
+        eprintln!(
+            "skipped: set SOCLINK_PACKAGE_TESTS=1 (or CI=true) to build and install the .deb"
+        );
+    }
+    on
+}
+
+/// `[package.metadata.deb]` of Cargo.toml.
+fn deb_metadata() -> toml::Table {
+    let text = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
+    let mut t: toml::Table = text.parse().unwrap();
+    let package = t.remove("package").unwrap();
+    package["metadata"]["deb"].as_table().unwrap().clone()
+}
+
+struct Asset {
+    source: PathBuf,
+    dest: String,
+    mode: u32,
+}
+
+fn assets(meta: &toml::Table) -> Vec<Asset> {
+    meta["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a: Vec<&str> = a
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            // cargo-deb maps target/release/ to the built binaries; so do we.
+            let source = match a[0].strip_prefix("target/release/") {
+                Some("soclink") => PathBuf::from(common::bin()),
+                Some(other) => panic!("unexpected binary asset {other}"),
+                None => repo().join(a[0]),
+            };
+            Asset {
+                source,
+                dest: a[1].to_string(),
+                mode: u32::from_str_radix(a[2], 8).unwrap(),
+            }
+        })
+        .collect()
+}
+
+/// Stage the package tree from the metadata and build it with dpkg-deb.
+fn build_with_dpkg_deb(meta: &toml::Table, out: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let root = out.join("staged");
+    for a in assets(meta) {
+        let dest = root.join(&a.dest);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(&a.source, &dest).unwrap();
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(a.mode)).unwrap();
+    }
+    let debian = root.join("DEBIAN");
+    std::fs::create_dir_all(&debian).unwrap();
+    let scripts = repo().join(meta["maintainer-scripts"].as_str().unwrap());
+    for s in ["postinst", "prerm", "postrm"] {
+        std::fs::copy(scripts.join(s), debian.join(s)).unwrap();
+        std::fs::set_permissions(debian.join(s), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let conffiles: Vec<&str> = meta["conf-files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    std::fs::write(debian.join("conffiles"), conffiles.join("\n") + "\n").unwrap();
+    let arch = run(Command::new("dpkg").arg("--print-architecture"));
+    let description = meta["extended-description"]
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let control = format!(
+        "Package: soclink\nVersion: {}-1\nArchitecture: {}\nSection: {}\nPriority: {}\nMaintainer: {}\nDepends: {}\nDescription: log collection agent and SOC relay\n {description}\n",
+        env!("CARGO_PKG_VERSION"),
+        String::from_utf8_lossy(&arch.stdout).trim(),
+        meta["section"].as_str().unwrap(),
+        meta["priority"].as_str().unwrap(),
+        meta["maintainer"].as_str().unwrap(),
+        meta["depends"].as_str().unwrap(),
+    );
+    std::fs::write(debian.join("control"), control).unwrap();
+    let deb = out.join("soclink-staged.deb");
+    run(Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-Zgzip", "-z1", "--build"])
+        .arg(&root)
+        .arg(&deb));
+    deb
+}
+
+/// The regular files (and their modes) in a .deb, from `dpkg-deb -c`.
+fn deb_files(deb: &Path) -> BTreeSet<(String, String)> {
+    let out = run(Command::new("dpkg-deb").arg("-c").arg(deb));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('-'))
+        .map(|l| {
+            let mut w = l.split_whitespace();
+            let mode = w.next().unwrap().to_string();
+            let path = w.last().unwrap().trim_start_matches('.').to_string();
+            (path, mode)
+        })
+        .collect()
+}
+
+/// `cargo deb --no-build` reusing the test's release binary, if the tool is there.
+fn build_with_cargo_deb(out: &Path) -> Option<PathBuf> {
+    let bin = Path::new(common::bin());
+    let target_dir = bin.parent()?.parent()?;
+    // The profile whose binary the test runs: cargo deb packages that very file.
+    let profile = match bin.parent()?.file_name()?.to_str()? {
+        "debug" => "dev",
+        other => other,
+    };
+    let probe = Command::new("cargo").args(["deb", "--version"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("cargo deb not tried: it is not installed");
+        return None;
+    }
+    let deb = out.join("soclink-cargo-deb.deb");
+    run(Command::new("cargo")
+        .args(["deb", "--no-build", "--fast", "--profile", profile, "-o"])
+        .arg(&deb)
+        .current_dir(repo())
+        .env("CARGO_TARGET_DIR", target_dir));
+    Some(deb)
+}
+
+/// State directories the package's tmpfiles.d creates (and purge keeps, by design).
+const STATE_DIRS: [&str; 2] = ["/var/lib/soclink", "/var/lib/soclink-relay"];
+
+/// Purges the package even when an assertion fails half-way, and removes the (empty)
+/// state directories the test created.
+struct Installed {
+    created: Vec<&'static str>,
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = Command::new("dpkg").args(["--purge", "soclink"]).output();
+        for d in &self.created {
+            // Fails, and keeps it, unless it is empty.
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+#[test]
+fn deb_builds_installs_runs_and_removes() {
+    if !package_tests_enabled() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let meta = deb_metadata();
+    let staged = build_with_dpkg_deb(&meta, tmp.path());
+    let files = deb_files(&staged);
+    let expected: BTreeSet<(String, String)> = [
+        ("/usr/bin/soclink", "-rwxr-xr-x"),
+        ("/lib/systemd/system/soclink-agent.service", "-rw-r--r--"),
+        ("/lib/systemd/system/soclink-relay.service", "-rw-r--r--"),
+        ("/usr/lib/sysusers.d/soclink.conf", "-rw-r--r--"),
+        ("/usr/lib/tmpfiles.d/soclink.conf", "-rw-r--r--"),
+        ("/etc/soclink/agent.toml", "-rw-r--r--"),
+        ("/etc/soclink/relay.toml", "-rw-r--r--"),
+        ("/usr/share/doc/soclink/OPERATIONS.md", "-rw-r--r--"),
+        ("/usr/share/doc/soclink/README.md", "-rw-r--r--"),
+    ]
+    .iter()
+    .map(|(p, m)| (p.to_string(), m.to_string()))
+    .collect();
+    assert_eq!(files, expected);
+    let mut deb = staged;
+    if let Some(built) = build_with_cargo_deb(tmp.path()) {
+        let mut theirs = deb_files(&built);
+        // cargo-deb writes a copyright file from the metadata.
+        theirs.remove(&(
+            "/usr/share/doc/soclink/copyright".to_string(),
+            "-rw-r--r--".to_string(),
+        ));
+        assert_eq!(theirs, expected, "cargo deb and the staged package differ");
+        let info = run(Command::new("dpkg-deb")
+            .args(["-f"])
+            .arg(&built)
+            .arg("Depends"));
+        assert_eq!(
+            String::from_utf8_lossy(&info.stdout).trim(),
+            meta["depends"].as_str().unwrap()
+        );
+        deb = built;
+    }
+    println!("package built in {:?}", started.elapsed());
+
+    let uid = run(Command::new("id").arg("-u"));
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "installing the package needs root (CI runs as root)"
+    );
+    assert!(
+        !Command::new("dpkg")
+            .args(["-s", "soclink"])
+            .output()
+            .unwrap()
+            .status
+            .success(),
+        "soclink is already installed on this machine: refusing to replace it from a test"
+    );
+    let guard = Installed {
+        created: STATE_DIRS
+            .into_iter()
+            .filter(|d| !Path::new(d).exists())
+            .collect(),
+    };
+    println!("installing {}", deb.display());
+    run(Command::new("dpkg").arg("-i").arg(&deb));
+
+    let version = run(Command::new("/usr/bin/soclink").arg("--version"));
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("soclink {}", env!("CARGO_PKG_VERSION"))
+    );
+    for (path, _) in &expected {
+        assert!(Path::new(path).is_file(), "{path} is not installed");
+    }
+    assert_eq!(
+        std::fs::read("/etc/soclink/agent.toml").unwrap(),
+        std::fs::read(repo().join("config/agent.toml")).unwrap()
+    );
+    // The shipped agent configuration is valid as it is.
+    run(Command::new("/usr/bin/soclink").args(["check-config", "-c", "/etc/soclink/agent.toml"]));
+    // postinst made the user and gave its group (only) the configuration directory.
+    run(Command::new("getent").args(["passwd", "soclink"]));
+    let stat = run(Command::new("stat").args(["-c", "%U:%G %a", "/etc/soclink"]));
+    assert_eq!(
+        String::from_utf8_lossy(&stat.stdout).trim(),
+        "root:soclink 750"
+    );
+    // postinst applies tmpfiles.d where systemd-tmpfiles exists (the units also create
+    // these at start through StateDirectory=).
+    let tmpfiles = Command::new("systemd-tmpfiles").arg("--version").output();
+    let tmpfiles = tmpfiles.is_ok_and(|o| o.status.success());
+    for d in STATE_DIRS.into_iter().filter(|_| tmpfiles) {
+        let stat = run(Command::new("stat").args(["-c", "%U:%G %a", d]));
+        assert_eq!(
+            String::from_utf8_lossy(&stat.stdout).trim(),
+            "soclink:soclink 750"
+        );
+    }
+    // ... and enabled nothing: the configuration has no certificates yet.
+    for unit in UNITS {
+        let wants = Path::new("/etc/systemd/system/multi-user.target.wants").join(unit);
+        assert!(!wants.exists(), "{unit} was enabled by the package");
+    }
+
+    run(Command::new("dpkg").args(["-r", "soclink"]));
+    assert!(!Path::new("/usr/bin/soclink").exists());
+    assert!(!Path::new("/lib/systemd/system/soclink-agent.service").exists());
+    // Removal keeps the operator's configuration; purge removes it.
+    assert!(Path::new("/etc/soclink/agent.toml").exists());
+    run(Command::new("dpkg").args(["--purge", "soclink"]));
+    assert!(!Path::new("/etc/soclink/agent.toml").exists());
+    // Purge never deletes spooled or stored data.
+    for d in STATE_DIRS.into_iter().filter(|_| tmpfiles) {
+        assert!(Path::new(d).is_dir(), "purge removed {d}");
+    }
+    drop(guard);
+    println!(
+        "package built, installed and removed in {:?}",
+        started.elapsed()
+    );
+}
