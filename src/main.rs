@@ -256,11 +256,21 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         } => Ok(soclink::status::cli(socket, config, json)),
         Cmd::CheckConfig { config, kind } => check_config(&config, kind),
         Cmd::Incident(args) => {
-            let settings = config::load_agent(&args.config)
-                .map(|c| c.incident)
-                .unwrap_or_default();
+            let cfg = config::load_agent(&args.config).ok();
+            let settings = cfg.as_ref().map(|c| c.incident.clone()).unwrap_or_default();
+            // Ask the running agent whether its upstream link is down, so the output can
+            // say plainly that the incident is not delivered yet.
+            let (running, down_since) = match &cfg {
+                Some(c) => agent_link(&c.control_socket),
+                None => (false, None),
+            };
+            if cfg.is_some() && !running {
+                eprintln!(
+                    "note: the soclink agent is not running (no answer on its control socket): the incident is recorded on this host and is shipped when the agent starts. Report by other means now if it must reach the center within the hour."
+                );
+            }
             let link = soclink::incident::record::LinkStatus {
-                upstream_down_since: None,
+                upstream_down_since: down_since,
                 center_contact: settings.center_contact.clone(),
             };
             soclink::incident::cli::run_incident(&args, &settings, &link)
@@ -380,6 +390,30 @@ fn bench_compress(file: &std::path::Path, level: u32, batch_bytes: usize) -> Res
         raw as f64 / secs / 1e6
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether the agent answers on its control socket, and since when its upstream link
+/// is down (None: up, unknown, or no upstream).
+fn agent_link(socket: &std::path::Path) -> (bool, Option<std::time::SystemTime>) {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return (false, None);
+    };
+    let req = serde_json::json!({"cmd": "status"});
+    match rt.block_on(soclink::control::request(socket, &req)) {
+        Ok(v) => {
+            let down = serde_json::from_value::<soclink::status::Status>(v)
+                .ok()
+                .and_then(|s| match s {
+                    soclink::status::Status::Agent(a) => a.upstream.and_then(|u| u.down_since),
+                    _ => None,
+                });
+            (true, down)
+        }
+        Err(_) => (false, None),
+    }
 }
 
 /// SIGTERM and SIGINT both mean: stop gracefully.

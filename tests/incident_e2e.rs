@@ -13,6 +13,11 @@ use common::*;
 const T: Duration = Duration::from_secs(60);
 
 fn declare(agent: &AgentProc, args: &[&str]) -> String {
+    declare_full(agent, args).0
+}
+
+/// The incident id and everything the command printed.
+fn declare_full(agent: &AgentProc, args: &[&str]) -> (String, String) {
     let out = Command::new(bin())
         .args(["incident", "declare", "-c"])
         .arg(&agent.config)
@@ -27,10 +32,12 @@ fn declare(agent: &AgentProc, args: &[&str]) -> String {
     );
     let text = String::from_utf8_lossy(&out.stdout).to_string();
 
-    text.split_whitespace()
+    let id = text
+        .split_whitespace()
         .find(|w| w.starts_with("INC-"))
         .unwrap_or_else(|| panic!("no incident id in {text:?}"))
-        .to_string()
+        .to_string();
+    (id, text)
 }
 
 fn incident_dir(relay: &RelayProc, agent: &str, id: &str) -> PathBuf {
@@ -208,7 +215,12 @@ fn declared_while_the_relay_is_down_is_delivered_when_it_returns() {
     let mut relay = RelayProc::new(dir.path(), &pki, "relay", "");
     let (mut agent, _) = setup(dir.path(), &pki, &relay, "host-d");
     agent.start();
-    let id = declare(&agent, &["--level", "4", "--summary", "data exfiltration"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let (id, out) = declare_full(&agent, &["--level", "4", "--summary", "data exfiltration"]);
+    assert!(
+        out.contains("UPSTREAM DOWN"),
+        "declare must say the incident is not delivered yet: {out}"
+    );
     std::thread::sleep(Duration::from_secs(2));
     assert!(!incident_dir(&relay, "host-d", &id).exists());
     relay.start();
