@@ -187,6 +187,49 @@ pub async fn run(dir: Option<PathBuf>, lines: u64) -> Result<()> {
         "  5. every line arrived exactly once, in {:.1}s",
         started.elapsed().as_secs_f64()
     );
+
+    // A level 3 incident drill: record, evidence bundle, priority lane, verification.
+    let store = crate::incident::record::IncidentStore::open(&dir.join("agent-state"))?;
+    let mut req = crate::incident::record::DeclareRequest::new(
+        3,
+        "demo drill: suspicious logins on web-01".to_string(),
+    );
+    req.drill = true;
+    let inc = store.declare(req, "demo-agent", "demo-host")?;
+    println!(
+        "  6. declared incident {} (level 3, DRILL), {}",
+        inc.id,
+        inc.deadline_text(std::time::SystemTime::now())
+    );
+    println!("     the agent builds the evidence bundle and ships it ahead of routine logs...");
+    let idir = store_dir.join("demo-agent").join("incidents").join(&inc.id);
+    let t = Instant::now();
+    loop {
+        let acked = std::fs::read(idir.join("record.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| {
+                v["timeline"]
+                    .as_array()
+                    .is_some_and(|t| t.iter().any(|e| e["event"] == "acknowledged"))
+            });
+        if acked {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("the incident was not acknowledged within a minute");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let bundle = idir.join("bundle.tar.gz");
+    let report = crate::incident::verify::verify_bundle(&bundle)
+        .map_err(|e| anyhow::anyhow!("the stored bundle does not verify: {e}"))?;
+    println!(
+        "  7. the relay verified and stored the bundle ({} members, {} bytes) in {:.1}s",
+        report.members,
+        std::fs::metadata(&bundle).map(|m| m.len()).unwrap_or(0),
+        t.elapsed().as_secs_f64()
+    );
     agent_stop.cancel();
     agent_task.await??;
     relay_stop.cancel();
@@ -199,6 +242,10 @@ pub async fn run(dir: Option<PathBuf>, lines: u64) -> Result<()> {
         store_file.display()
     );
     println!("Read it with:  zcat {} | head", store_file.display());
+    println!(
+        "Incident:      {} (record.json, bundle.tar.gz, manifest.json)",
+        idir.display()
+    );
     println!("First stored events:");
     let f = std::fs::File::open(&store_file)?;
     let rd = std::io::BufReader::new(flate2::read::MultiGzDecoder::new(f));
