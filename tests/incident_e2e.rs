@@ -328,3 +328,151 @@ fn relay_killed_mid_bundle_resumes_instead_of_restarting() {
     agent.stop();
     relay.stop();
 }
+
+/// Append ~`mb` MB of poorly compressible lines to `path`.
+fn noise(path: &Path, mb: usize) {
+    use std::io::Write;
+    let mut f =
+        std::io::BufWriter::new(std::fs::OpenOptions::new().append(true).open(path).unwrap());
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let lines = mb * 1_000_000 / 57;
+    for _ in 0..lines {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        writeln!(
+            f,
+            "noise {x:016x} {:016x} {:016x}",
+            x.rotate_left(7),
+            x.rotate_left(19)
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn agent_killed_mid_bundle_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let mut relay = RelayProc::new(dir.path(), &pki, "relay", "");
+    relay.start();
+    let (mut agent, files) = setup(dir.path(), &pki, &relay, "host-ak");
+    noise(&files[0], 30);
+    let id = declare(
+        &agent,
+        &["--level", "3", "--summary", "agent dies mid-bundle"],
+    );
+    agent.start();
+    let idir = incident_dir(&relay, "host-ak", &id);
+    let part = idir.join("bundle.tar.gz.part");
+    let deadline = Instant::now() + T;
+    while std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "{}", relay.log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    agent.kill9();
+    agent.start();
+    wait_record_event(&relay, "host-ak", &id, "acknowledged");
+    let v = Command::new(bin())
+        .args(["bundle", "verify"])
+        .arg(idir.join("bundle.tar.gz"))
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    agent.stop();
+    relay.stop();
+}
+
+#[test]
+fn incidents_and_bundles_cross_a_relay_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let mut top = RelayProc::new(dir.path(), &pki, "top", "trusted_forwarders = [\"mid\"]");
+    top.start();
+    let mut mid = RelayProc::new(
+        dir.path(),
+        &pki,
+        "mid",
+        &upstream_toml(&pki, &top.address(), "mid"),
+    );
+    mid.start();
+    let (mut agent, _) = setup(dir.path(), &pki, &mid, "host-c");
+    agent.start();
+    let id = declare(
+        &agent,
+        &["--level", "3", "--summary", "through the agency SOC"],
+    );
+    let rec = wait_record_event(&top, "host-c", &id, "acknowledged");
+    assert_eq!(rec["id"], id.as_str());
+    let idir = incident_dir(&top, "host-c", &id);
+    let v = Command::new(bin())
+        .args(["bundle", "verify"])
+        .arg(idir.join("bundle.tar.gz"))
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    assert!(
+        !top.store.join("mid").exists(),
+        "stored under the agent's identity, not the hop's"
+    );
+    agent.stop();
+    mid.stop();
+    top.stop();
+}
+
+/// Manual: `cargo test --release --test incident_e2e two_gib -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn two_gib_bundle_ships_in_bounded_agent_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let mut relay = RelayProc::new(dir.path(), &pki, "relay", "");
+    relay.start();
+    let (mut agent, files) = setup(dir.path(), &pki, &relay, "host-big");
+    noise(&files[0], 2200);
+    // Raise the bundle cap to fit the 2.2 GB log.
+    let cfg = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        format!("{cfg}\n[incident]\nmax_bundle_size = \"4GiB\"\n"),
+    )
+    .unwrap();
+    agent.start();
+    std::thread::sleep(Duration::from_secs(1));
+    // Declared through the CLI with --no-bundle off: the agent's outbox builds it.
+    let store = soclink::incident::record::IncidentStore::open(&agent.state).unwrap();
+    let inc = store
+        .declare(
+            soclink::incident::record::DeclareRequest::new(3, "big".to_string()),
+            "host-big",
+            "h",
+        )
+        .unwrap();
+    let t = Instant::now();
+    let idir = incident_dir(&relay, "host-big", &inc.id);
+    let pid = agent.child.as_ref().unwrap().id();
+    let hwm = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while !idir.join("bundle.tar.gz").exists() {
+        assert!(Instant::now() < deadline, "{}", relay.log());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let size = std::fs::metadata(idir.join("bundle.tar.gz")).unwrap().len();
+    let peak = hwm();
+    eprintln!(
+        "2 GiB bundle: {size} bytes built, shipped and verified in {:.1}s; agent peak RSS {} MiB",
+        t.elapsed().as_secs_f64(),
+        peak / 1024
+    );
+    assert!(peak < 64 * 1024, "agent peak RSS {peak} KiB");
+    agent.stop();
+    relay.stop();
+}
