@@ -310,6 +310,7 @@ impl Agent {
             None => None,
         };
         let outbox = Outbox {
+            sent: Default::default(),
             state_dir: cfg.state_dir.clone(),
             spool: priority.clone(),
             settings: cfg.incident.clone(),

@@ -38,7 +38,7 @@ pub const CHUNK: usize = 4 << 20;
 pub const PRIORITY_STREAM: &str = "priority";
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
-struct OutboxState {
+pub struct OutboxState {
     #[serde(default)]
     record_sha256: String,
     #[serde(default)]
@@ -52,6 +52,10 @@ struct OutboxState {
 }
 
 pub struct Outbox {
+    /// What was enqueued, also kept in memory: if `outbox.json` cannot be written (an
+    /// incident folder made by another user), the same items are not enqueued again
+    /// every second.
+    pub sent: std::sync::Mutex<std::collections::HashMap<String, OutboxState>>,
     pub state_dir: PathBuf,
     pub spool: Spool,
     pub settings: IncidentSettings,
@@ -95,10 +99,18 @@ impl Outbox {
     fn one(&self, store: &IncidentStore, mut inc: Incident) -> Result<()> {
         let idir = store.incident_dir(&inc.id)?;
         let st_path = idir.join("outbox.json");
-        let mut st: OutboxState = std::fs::read(&st_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let cached = self
+            .sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&inc.id)
+            .cloned();
+        let mut st: OutboxState = cached.unwrap_or_else(|| {
+            std::fs::read(&st_path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default()
+        });
         let before = st.clone();
 
         // Acknowledgements first: they change the record, which is then sent again.
@@ -190,8 +202,16 @@ impl Outbox {
         }
 
         if st != before {
-            write_atomic(&st_path, &serde_json::to_vec(&st)?)
-                .with_context(|| format!("cannot write {}", st_path.display()))?;
+            self.sent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(inc.id.clone(), st.clone());
+            write_atomic(&st_path, &serde_json::to_vec(&st)?).with_context(|| {
+                format!(
+                    "cannot write {} (incident folders must be writable by the agent's user: run `soclink incident` as that user)",
+                    st_path.display()
+                )
+            })?;
         }
         Ok(())
     }
