@@ -28,6 +28,7 @@ pub mod control;
 pub mod demo;
 pub mod event;
 pub mod incident;
+pub mod metrics;
 pub mod protocol;
 pub mod relay;
 pub mod service;
