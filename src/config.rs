@@ -874,7 +874,17 @@ impl AgentConfig {
                 " There is no [upstream]: batches stay in the local spool (see `soclink spool dump`).",
             ),
         }
+        out.push_str(&self.metrics.summary());
         out
+    }
+}
+
+impl MetricsSettings {
+    /// The sentence `check-config` adds when the endpoint is on.
+    fn summary(&self) -> String {
+        self.listen
+            .map(|a| format!(" Prometheus metrics are served on http://{a}/metrics."))
+            .unwrap_or_default()
     }
 }
 
@@ -1040,7 +1050,7 @@ impl RelayConfig {
                 ),
                 None => String::new(),
             }
-        )
+        ) + &self.metrics.summary()
     }
 }
 
@@ -1087,6 +1097,12 @@ compression_level = 1
         assert_eq!(parse_agent(GOOD).unwrap().metrics.listen, None);
         let c = parse_agent(&format!("{GOOD}\n[metrics]\nlisten = \"127.0.0.1:9273\"\n")).unwrap();
         assert_eq!(c.metrics.listen, Some("127.0.0.1:9273".parse().unwrap()));
+        assert!(
+            c.summary()
+                .ends_with(" Prometheus metrics are served on http://127.0.0.1:9273/metrics."),
+            "{}",
+            c.summary()
+        );
         let e = parse_agent("id = \"a\"\n[metrics]\nlisten = \"localhost\"\n").unwrap_err();
         let m = e.iter().find(|p| p.message.contains("metrics.listen"));
         assert_eq!(m.map(|p| (p.line, p.col)), Some((3, 10)), "{e:?}");
