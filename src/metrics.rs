@@ -15,9 +15,11 @@
 //!   touched: a scrape only reads counters (on the blocking pool, as the spool's and the
 //!   store's locks can be held across an fsync).
 //!
-//! Format: `prometheus_client` writes the OpenMetrics 1.0 text format, served with its
-//! content type; Prometheus (≥ 2.5) asks for it by default. Counters carry the `_total`
-//! suffix, timestamps are Unix seconds.
+//! Format: `prometheus_client` writes the OpenMetrics 1.0 text format. It is served as
+//! such to clients that ask for it (`Accept: application/openmetrics-text`, which
+//! Prometheus ≥ 2.5 sends); everyone else (curl, older scrapers) gets the Prometheus
+//! text exposition format 0.0.4, derived by [`to_text_004`]. Counters' samples carry
+//! the `_total` suffix in both; timestamps are Unix seconds.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,7 +47,8 @@ pub const MAX_HEAD: usize = 8 * 1024;
 /// Time allowed to read the request head, and again to write the response.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
-const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const TEXT_004: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The live figures a scrape reads.
 #[derive(Clone)]
@@ -116,7 +119,10 @@ async fn serve(listener: TcpListener, figures: Figures, shutdown: CancellationTo
 /// What the request head asked for.
 #[derive(Debug, PartialEq, Eq)]
 enum Request {
-    Metrics,
+    /// `openmetrics`: the client accepts the OpenMetrics text format.
+    Metrics {
+        openmetrics: bool,
+    },
     NotFound,
     Bad,
 }
@@ -159,10 +165,63 @@ fn parse_request_line(head: &[u8]) -> Request {
     }
     let path = target.split(|&b| b == b'?').next().unwrap_or_default();
     if method == b"GET" && path == b"/metrics" {
-        Request::Metrics
+        Request::Metrics {
+            openmetrics: accepts_openmetrics(head),
+        }
     } else {
         Request::NotFound
     }
+}
+
+/// Whether an `Accept` header of `head` names the OpenMetrics text format.
+fn accepts_openmetrics(head: &[u8]) -> bool {
+    head.split(|&b| b == b'\n').skip(1).any(|line| {
+        let mut kv = line.splitn(2, |&b| b == b':');
+        match (kv.next(), kv.next()) {
+            (Some(name), Some(value)) => {
+                name.trim_ascii().eq_ignore_ascii_case(b"accept")
+                    && memchr::memmem::find(
+                        &value.to_ascii_lowercase(),
+                        b"application/openmetrics-text",
+                    )
+                    .is_some()
+            }
+            _ => false,
+        }
+    })
+}
+
+/// OpenMetrics text → Prometheus text format 0.0.4: counters' `# HELP`/`# TYPE` lines
+/// name the `_total` series their samples use, and there is no `# EOF`.
+pub fn to_text_004(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for l in openmetrics.lines() {
+        if l == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, l.strip_prefix(p)?)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(p);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(tail);
+            }
+            None => out.push_str(l),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 async fn handle(mut stream: TcpStream, figures: Figures) -> std::io::Result<()> {
@@ -171,8 +230,9 @@ async fn handle(mut stream: TcpStream, figures: Figures) -> std::io::Result<()> 
         Err(_) => Request::Bad,
     };
     let (status, ctype, body) = match req {
-        Request::Metrics => match scrape(figures).await {
-            Ok(body) => ("200 OK", CONTENT_TYPE, body),
+        Request::Metrics { openmetrics } => match scrape(figures).await {
+            Ok(body) if openmetrics => ("200 OK", OPENMETRICS, body),
+            Ok(body) => ("200 OK", TEXT_004, to_text_004(&body)),
             Err(e) => (
                 "500 Internal Server Error",
                 "text/plain; charset=utf-8",
@@ -438,8 +498,19 @@ mod tests {
     #[test]
     fn routes() {
         let p = |s: &str| parse_request_line(s.as_bytes());
-        assert_eq!(p("GET /metrics HTTP/1.1\r\n\r\n"), Request::Metrics);
-        assert_eq!(p("GET /metrics?x=1 HTTP/1.0\r\n\r\n"), Request::Metrics);
+        let m = |openmetrics| Request::Metrics { openmetrics };
+        assert_eq!(p("GET /metrics HTTP/1.1\r\n\r\n"), m(false));
+        assert_eq!(p("GET /metrics?x=1 HTTP/1.0\r\n\r\n"), m(false));
+        assert_eq!(
+            p(
+                "GET /metrics HTTP/1.1\r\nHost: x\r\naccept: Application/OpenMetrics-Text;version=1.0.0;q=0.5,*/*;q=0.1\r\n\r\n"
+            ),
+            m(true)
+        );
+        assert_eq!(
+            p("GET /metrics HTTP/1.1\r\nX-Note: application/openmetrics-text\r\n\r\n"),
+            m(false)
+        );
         assert_eq!(p("GET / HTTP/1.1\r\n\r\n"), Request::NotFound);
         assert_eq!(p("POST /metrics HTTP/1.1\r\n\r\n"), Request::NotFound);
         assert_eq!(p("GET /metrics\r\n\r\n"), Request::Bad);
@@ -504,5 +575,24 @@ mod tests {
             assert!(t.contains(want), "missing {want:?} in:\n{t}");
         }
         assert!(!t.contains("soclink_source_drops_total{"), "{t}");
+        let old = to_text_004(&t);
+        assert!(
+            old.contains("# HELP soclink_source_lines_total Lines (file)"),
+            "{old}"
+        );
+        assert!(
+            old.contains("# TYPE soclink_source_lines_total counter\nsoclink_source_lines_total{"),
+            "{old}"
+        );
+        assert!(old.contains("# TYPE soclink_spool_bytes gauge\n"), "{old}");
+        assert!(!old.contains("# EOF"), "{old}");
+        assert_eq!(
+            old.lines()
+                .filter(|l| !l.starts_with('#'))
+                .collect::<Vec<_>>(),
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .collect::<Vec<_>>()
+        );
     }
 }

@@ -153,11 +153,41 @@ fn agent_and_relay_metrics_follow_delivery() {
     );
     assert_eq!(sample(&body, &version), Some(1.0), "{body}");
     assert!(sample(&body, "soclink_uptime_seconds").is_some());
+    // Without an Accept header: the Prometheus text format 0.0.4.
+    let (code, head, plain) = http(agent_port, b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    assert_eq!(code, 200);
     assert!(
-        body.contains("# TYPE soclink_source_lines counter\n"),
-        "{body}"
+        head.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"),
+        "{head}"
     );
-    assert!(body.ends_with("# EOF\n"), "{body}");
+    assert!(head.contains("Connection: close"), "{head}");
+    assert!(
+        plain.contains("# TYPE soclink_source_lines_total counter\n"),
+        "{plain}"
+    );
+    assert!(!plain.contains("# EOF"), "{plain}");
+    // Prometheus asks for OpenMetrics.
+    let (code, head, om) = http(
+        agent_port,
+        b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        head.contains(
+            "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n"
+        ),
+        "{head}"
+    );
+    assert!(om.contains("# TYPE soclink_source_lines counter\n"), "{om}");
+    assert!(om.ends_with("# EOF\n"), "{om}");
+    assert_eq!(
+        sample(
+            &om,
+            "soclink_source_lines_total{source=\"app\",type=\"file\"}"
+        ),
+        Some(N as f64)
+    );
 
     let rbody = wait_scrape(
         relay_port,
