@@ -78,11 +78,12 @@ pub async fn start(
         .map_err(|source| MetricsError::Bind { addr, source })?;
     let local = listener.local_addr().unwrap_or(addr);
     tracing::info!("metrics: serving http://{local}/metrics");
-    tokio::spawn(serve(listener, figures, shutdown));
+    tokio::spawn(run(listener, figures, shutdown));
     Ok(local)
 }
 
-async fn serve(listener: TcpListener, figures: Figures, shutdown: CancellationToken) {
+/// Serve scrapes on an already-bound `listener` until `shutdown`.
+pub async fn run(listener: TcpListener, figures: Figures, shutdown: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
     loop {
         // Take a slot before accepting: excess scrapers wait in the accept queue
@@ -391,14 +392,23 @@ pub fn encode_agent(s: &AgentStatus) -> Result<String, std::fmt::Error> {
     let errors: Family<Labels, Counter> = Family::default();
     let truncated: Family<Labels, Counter> = Family::default();
     let drops: Family<Labels, Counter> = Family::default();
+    let parse_errors: Family<Labels, Counter> = Family::default();
+    let gaps: Family<Labels, Counter> = Family::default();
     for src in &s.sources {
         let l = labels(&[("source", &src.name), ("type", &src.kind)]);
         lines.get_or_create(&l).inc_by(src.lines);
         bytes.get_or_create(&l).inc_by(src.bytes);
         errors.get_or_create(&l).inc_by(src.errors);
         truncated.get_or_create(&l).inc_by(src.truncated);
+        // Only the source types that have them, as in `soclink status`.
         if let Some(d) = src.drops {
             drops.get_or_create(&l).inc_by(d);
+        }
+        if let Some(n) = src.parse_errors {
+            parse_errors.get_or_create(&l).inc_by(n);
+        }
+        if let Some(n) = src.gaps {
+            gaps.get_or_create(&l).inc_by(n);
         }
     }
     r.register(
@@ -421,6 +431,16 @@ pub fn encode_agent(s: &AgentStatus) -> Result<String, std::fmt::Error> {
         "soclink_source_drops",
         "Syslog UDP datagrams dropped because the pipeline was full",
         drops,
+    );
+    r.register(
+        "soclink_source_parse_errors",
+        "Syslog messages that did not parse (kept raw)",
+        parse_errors,
+    );
+    r.register(
+        "soclink_source_gaps",
+        "Journald resumptions whose saved cursor was gone (entries may be missing)",
+        gaps,
     );
     spool(&mut r, &s.spool);
     if let Some(l) = &s.upstream {
@@ -516,6 +536,60 @@ mod tests {
         assert_eq!(p("GET /metrics\r\n\r\n"), Request::Bad);
         assert_eq!(p("GET /metrics SPDY/3\r\n\r\n"), Request::Bad);
         assert_eq!(p("\u{0}\u{ff}"), Request::Bad);
+    }
+
+    #[test]
+    fn relay_text() {
+        use crate::status::{AgentSeen, StreamSeq};
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let st = RelayStatus {
+            id: "r1".into(),
+            version: "0.1.0".into(),
+            generated_at: t0,
+            uptime_secs: 60,
+            connections: Vec::new(),
+            agents: vec![
+                AgentSeen {
+                    identity: "A12345-web01".into(),
+                    connected: false,
+                    last_seen: Some(t0),
+                    streams: vec![StreamSeq {
+                        stream: "main".into(),
+                        stored_seq: 42,
+                    }],
+                    stored_bytes: Some(4096),
+                    last_write: None,
+                },
+                // Only known from the store: no last-seen sample rather than 1970.
+                AgentSeen {
+                    identity: "臺北-db".into(),
+                    connected: false,
+                    last_seen: None,
+                    streams: Vec::new(),
+                    stored_bytes: Some(0),
+                    last_write: None,
+                },
+            ],
+            upstream: None,
+            spool: None,
+        };
+        let t = to_text_004(&encode_relay(&st).unwrap());
+        for want in [
+            "soclink_relay_connections 0\n",
+            "soclink_relay_agent_connected{agent=\"A12345-web01\"} 0\n",
+            "soclink_relay_agent_last_seen_timestamp_seconds{agent=\"A12345-web01\"} 1700000000.0\n",
+            "soclink_relay_agent_stored_bytes{agent=\"A12345-web01\"} 4096\n",
+            "soclink_relay_agent_stored_seq{agent=\"A12345-web01\",stream=\"main\"} 42\n",
+            "soclink_relay_agent_stored_bytes{agent=\"臺北-db\"} 0\n",
+        ] {
+            assert!(t.contains(want), "missing {want:?} in:\n{t}");
+        }
+        assert!(
+            !t.contains("last_seen_timestamp_seconds{agent=\"臺北-db\"}"),
+            "{t}"
+        );
+        assert!(!t.contains("soclink_spool_"), "{t}");
+        assert!(!t.contains("soclink_upstream_"), "{t}");
     }
 
     #[test]
