@@ -325,6 +325,11 @@ impl Agent {
             .map(|u| u.address.clone())
             .zip(ctl_link);
         let ctl = AgentHandles::new(&cfg, ctl_sources, spool.clone(), ctl_up, started);
+        if let Some(addr) = cfg.metrics.listen {
+            // metrics: Prometheus endpoint over the same handles (see crate::metrics).
+            let figures = crate::metrics::Figures::Agent(ctl.clone()); // metrics
+            crate::metrics::start(addr, figures, shutdown.clone()).await?; // metrics
+        }
         crate::control::spawn(cfg.control_socket.clone(), Arc::new(ctl), shutdown.clone());
         tracing::info!(
             "agent {:?} started: {} source(s), state in {}",

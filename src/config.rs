@@ -105,6 +105,14 @@ pub struct AgentConfig {
     pub spool: SpoolSettings,
     pub upstream: Option<UpstreamConfig>,
     pub incident: IncidentSettings,
+    pub metrics: MetricsSettings,
+}
+
+/// `[metrics]`: the Prometheus scrape endpoint (agent and relay; see crate::metrics).
+#[derive(Debug, Clone, Default)]
+pub struct MetricsSettings {
+    /// Where `GET /metrics` is served; `None` (the default): no endpoint.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `[incident]`: what declaring an incident does (guideline 3.1, 4.1(二)7).
@@ -203,6 +211,33 @@ struct RawAgent {
     spool: RawSpool,
     upstream: Option<Spanned<RawUpstream>>,
     incident: Option<RawIncident>,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
+}
+
+fn metrics_settings(m: RawMetrics, p: &mut Problems) -> MetricsSettings {
+    let listen = m
+        .listen
+        .and_then(|a| match a.get_ref().parse::<std::net::SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                p.at(
+                    a.span(),
+                    format!(
+                        "metrics.listen {:?} must be ip:port, e.g. \"127.0.0.1:9273\"",
+                        a.get_ref()
+                    ),
+                );
+                None
+            }
+        });
+    MetricsSettings { listen }
 }
 
 #[derive(Deserialize)]
@@ -430,6 +465,7 @@ pub fn parse_agent(text: &str) -> Result<AgentConfig, Vec<Problem>> {
     }
     let spool = spool_settings(raw.spool, &mut p);
     let upstream = raw.upstream.and_then(|u| upstream(u, &mut p));
+    let metrics = metrics_settings(raw.metrics, &mut p);
     let mut incident = IncidentSettings::default();
     if let Some(i) = raw.incident {
         if let Some(l) = i.auto_bundle_levels {
@@ -470,6 +506,7 @@ pub fn parse_agent(text: &str) -> Result<AgentConfig, Vec<Problem>> {
         sources,
         spool,
         upstream,
+        metrics,
     })
 }
 
@@ -837,7 +874,17 @@ impl AgentConfig {
                 " There is no [upstream]: batches stay in the local spool (see `soclink spool dump`).",
             ),
         }
+        out.push_str(&self.metrics.summary());
         out
+    }
+}
+
+impl MetricsSettings {
+    /// The sentence `check-config` adds when the endpoint is on.
+    fn summary(&self) -> String {
+        self.listen
+            .map(|a| format!(" Prometheus metrics are served on http://{a}/metrics."))
+            .unwrap_or_default()
     }
 }
 
@@ -869,6 +916,7 @@ pub struct RelayConfig {
     /// Certificate identities (downstream relays) allowed to send batches on behalf of
     /// other agents. Anyone else can only ever send its own.
     pub trusted_forwarders: Vec<String>,
+    pub metrics: MetricsSettings,
 }
 
 #[derive(Deserialize)]
@@ -893,6 +941,8 @@ struct RawRelay {
     upstream: Option<Spanned<RawUpstream>>,
     #[serde(default)]
     spool: RawSpool,
+    #[serde(default)]
+    metrics: RawMetrics,
 }
 
 pub fn load_relay(path: &Path) -> Result<RelayConfig, ConfigError> {
@@ -951,6 +1001,7 @@ pub fn parse_relay(text: &str) -> Result<RelayConfig, Vec<Problem>> {
         .map_or(256 << 20, |m| m.get_ref().0);
     let spool = spool_settings(raw.spool, &mut p);
     let upstream = raw.upstream.and_then(|u| upstream(u, &mut p));
+    let metrics = metrics_settings(raw.metrics, &mut p);
     if !p.list.is_empty() {
         return Err(p.list);
     }
@@ -978,6 +1029,7 @@ pub fn parse_relay(text: &str) -> Result<RelayConfig, Vec<Problem>> {
         spool,
         crls: raw.crls,
         trusted_forwarders: raw.trusted_forwarders,
+        metrics,
     })
 }
 
@@ -998,7 +1050,7 @@ impl RelayConfig {
                 ),
                 None => String::new(),
             }
-        )
+        ) + &self.metrics.summary()
     }
 }
 
@@ -1038,6 +1090,32 @@ compression_level = 1
         assert_eq!(c.spool.batch_max_delay, Duration::from_millis(250));
         assert_eq!(c.spool.compression_level, 1);
         assert_eq!(c.spool.max_size, 1 << 30);
+    }
+
+    #[test]
+    fn metrics_listen_is_off_by_default_and_validated() {
+        assert_eq!(parse_agent(GOOD).unwrap().metrics.listen, None);
+        let c = parse_agent(&format!("{GOOD}\n[metrics]\nlisten = \"127.0.0.1:9273\"\n")).unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9273".parse().unwrap()));
+        assert!(
+            c.summary()
+                .ends_with(" Prometheus metrics are served on http://127.0.0.1:9273/metrics."),
+            "{}",
+            c.summary()
+        );
+        let e = parse_agent("id = \"a\"\n[metrics]\nlisten = \"localhost\"\n").unwrap_err();
+        let m = e.iter().find(|p| p.message.contains("metrics.listen"));
+        assert_eq!(m.map(|p| (p.line, p.col)), Some((3, 10)), "{e:?}");
+        let relay =
+            "ca = \"/c\"\ncert = \"/c\"\nkey = \"/k\"\n[metrics]\nlisten = \"[::1]:9274\"\n";
+        assert_eq!(
+            parse_relay(relay).unwrap().metrics.listen,
+            Some("[::1]:9274".parse().unwrap())
+        );
+        let e = parse_relay(&relay.replace("[::1]:9274", "::1")).unwrap_err();
+        assert_eq!((e[0].line, e[0].col), (5, 10), "{e:?}");
+        let e = parse_relay(&format!("{relay}bogus = 1\n")).unwrap_err();
+        assert!(e[0].message.contains("bogus"), "{e:?}");
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! - [`incident`]: incident records and deadlines, evidence bundles, bundle verification.
 //! - [`control`]: the local control socket (Unix, JSON) the CLI talks to.
 //! - [`status`]: `soclink status`: snapshots of live counters and their rendering.
+//! - [`metrics`]: the same snapshots as a Prometheus `GET /metrics` endpoint.
 //! - [`service`]: sd_notify and the watchdog when run as a systemd service.
 #![forbid(unsafe_code)]
 
@@ -28,6 +29,7 @@ pub mod control;
 pub mod demo;
 pub mod event;
 pub mod incident;
+pub mod metrics;
 pub mod protocol;
 pub mod relay;
 pub mod service;

@@ -225,14 +225,15 @@ impl AgentHandles {
 }
 
 /// Serve the relay's control socket on a task (see [`control::spawn`]); `forwarding`
-/// is the upstream address, the shipper's status and the forwarding spool.
+/// is the upstream address, the shipper's status and the forwarding spool. Returns the
+/// handles, for the metrics endpoint to share.
 pub fn spawn_relay_control(
     cfg: &RelayConfig,
     peers: Arc<Mutex<Peers>>,
     store: Option<Arc<Mutex<Store>>>,
     forwarding: Option<(Upstream, Spool)>,
     shutdown: tokio_util::sync::CancellationToken,
-) {
+) -> Arc<RelayHandles> {
     let (upstream, spool) = match forwarding {
         Some(((address, status), spool)) => (
             Some(LinkHandle { address, status }),
@@ -240,19 +241,20 @@ pub fn spawn_relay_control(
         ),
         None => (None, None),
     };
-    let h = RelayHandles {
+    let h = Arc::new(RelayHandles {
         id: cfg.id.clone(),
         peers,
         store,
         upstream,
         spool,
         started: Instant::now(),
-    };
+    });
     control::spawn(
         cfg.control_socket.clone(),
-        Arc::new(RelayControl(Arc::new(h))),
+        Arc::new(RelayControl(h.clone())),
         shutdown,
     );
+    h
 }
 
 fn get(c: &AtomicU64) -> u64 {

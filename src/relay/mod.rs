@@ -133,13 +133,17 @@ pub async fn run(
         .as_ref()
         .map(|u| u.address.clone())
         .zip(upstream_status.clone());
-    crate::status::spawn_relay_control(
+    let ctl = crate::status::spawn_relay_control(
         &cfg,
         peers.clone(),
         sink.store_handle(),
         ctl_up.zip(ctl_spool),
         shutdown.clone(),
     );
+    if let Some(addr) = cfg.metrics.listen {
+        // metrics: Prometheus endpoint over the same handles (see crate::metrics).
+        crate::metrics::start(addr, crate::metrics::Figures::Relay(ctl), shutdown.clone()).await?;
+    }
     let (sd_peers, sd_upstream) = (peers.clone(), upstream_status.clone()); // service
     on_ready(RelayHandles {
         peers,
