@@ -185,6 +185,9 @@ pub type Upstream = (String, Arc<Mutex<UpstreamStatus>>);
 #[derive(Clone)]
 pub struct AgentHandles {
     pub id: String,
+    /// Where incidents declared through the socket are recorded (by the agent's user).
+    pub state_dir: std::path::PathBuf,
+    pub host: String,
     pub sources: Vec<(String, SourceCounters)>,
     pub spool: Spool,
     pub spool_max_bytes: u64,
@@ -215,6 +218,8 @@ impl AgentHandles {
     ) -> AgentHandles {
         AgentHandles {
             id: cfg.id.clone(),
+            state_dir: cfg.state_dir.clone(),
+            host: cfg.host.clone(),
             sources,
             spool,
             spool_max_bytes: cfg.spool.max_size,
@@ -434,7 +439,7 @@ impl RelayHandles {
     }
 }
 
-const COMMANDS: &[&str] = &["status"];
+const COMMANDS: &[&str] = &["status", "incident_declare"];
 
 impl Handler for AgentHandles {
     fn handle(&self, req: Value) -> HandlerFuture<'_> {
@@ -448,6 +453,17 @@ impl Handler for AgentHandles {
                         .map_err(|e| format!("status failed: {e}"))?;
                     serde_json::to_value(Status::Agent(st))
                         .map_err(|e| format!("cannot encode the status: {e}"))
+                }
+                "incident_declare" => {
+                    // Recorded by the agent itself, so the files belong to its user and
+                    // its outbox can update them; the outbox builds the bundle.
+                    let (dir, id, host) =
+                        (self.state_dir.clone(), self.id.clone(), self.host.clone());
+                    tokio::task::spawn_blocking(move || {
+                        crate::incident::cli::declare_from_json(&dir, &id, &host, &req)
+                    })
+                    .await
+                    .map_err(|e| format!("declare failed: {e}"))?
                 }
                 other => Err(control::unknown_command(other, COMMANDS)),
             }

@@ -105,7 +105,17 @@ fn level_3_ships_a_verified_bundle_whose_members_match_the_files() {
     relay.start();
     let (mut agent, files) = setup(dir.path(), &pki, &relay, "host-3");
     agent.start();
-    let id = declare(
+    // The agent's control socket answers only once it is up.
+    let deadline = Instant::now() + T;
+    while !agent.dir.join("control.sock").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no control socket:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (id, out) = declare_full(
         &agent,
         &[
             "--level",
@@ -114,6 +124,11 @@ fn level_3_ships_a_verified_bundle_whose_members_match_the_files() {
             "ransomware on web-01",
             "--drill",
         ],
+    );
+    // With the agent running, the declaration goes through its control socket.
+    assert!(
+        out.contains("the agent is building the evidence bundle"),
+        "{out}"
     );
     let rec = wait_record_event(&relay, "host-3", &id, "acknowledged");
     assert_eq!(rec["level"], 3);

@@ -10,7 +10,7 @@
 //! verify), 2 invalid configuration or usage.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::SystemTime;
 
@@ -141,6 +141,45 @@ pub fn run_incident(
             Err(e) => return Err(e.into()),
         },
         IncidentCmd::Declare(d) => {
+            // Through the running agent when there is one: it records the incident as
+            // its own user and ships it at once. Without it, record locally; the agent
+            // ships it when it starts.
+            match declare_via_agent(&cfg.control_socket, d) {
+                Ok(Some(inc)) => {
+                    writeln!(
+                        out,
+                        "declared {}{} (level {}), {}",
+                        inc.id,
+                        if inc.drill { " [DRILL]" } else { "" },
+                        inc.level,
+                        inc.deadline_text(now)
+                    )?;
+                    if needs_bundle(inc.level, &settings.auto_bundle_levels) && !d.no_bundle {
+                        writeln!(
+                            out,
+                            "the agent is building the evidence bundle and ships it ahead of routine logs; follow it with `soclink incident show {}`",
+                            inc.id
+                        )?;
+                    }
+                    if let Some(since) = link.upstream_down_since {
+                        writeln!(
+                            out,
+                            "UPSTREAM DOWN since {}: the incident is recorded on disk and NOT yet delivered; report by other means now{}",
+                            format_time(since),
+                            link.center_contact
+                                .as_deref()
+                                .map(|c| format!(": {c}"))
+                                .unwrap_or_default()
+                        )?;
+                    }
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    eprintln!("error: the agent refused the declaration: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+            }
             let mut req = DeclareRequest::new(d.level, d.summary.clone());
             req.discovered_at = match d.discovered_at.as_deref().map(parse_time).transpose() {
                 Ok(t) => t,
@@ -262,4 +301,78 @@ pub fn run_bundle(args: &BundleArgs) -> Result<ExitCode> {
             }
         },
     }
+}
+
+/// Ask the running agent to record the incident. `Ok(None)`: no agent answers.
+fn declare_via_agent(
+    socket: &Path,
+    d: &DeclareArgs,
+) -> Result<Option<super::record::Incident>, String> {
+    let details = match &d.details {
+        Some(p) => read_details(p).map_err(|e| e.to_string())?,
+        None => String::new(),
+    };
+    if let Some(t) = &d.discovered_at {
+        parse_time(t).map_err(|e| e.to_string())?;
+    }
+    let req = serde_json::json!({
+        "cmd": "incident_declare",
+        "level": d.level,
+        "summary": d.summary,
+        "details": details,
+        "discovered_at": d.discovered_at,
+        "support_requested": d.support_requested,
+        "affects_other_agencies": d.affects_other_agencies,
+        "affects_critical_infrastructure": d.affects_critical_infrastructure,
+        "drill": d.drill,
+        "no_bundle": d.no_bundle,
+    });
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return Ok(None);
+    };
+    match rt.block_on(crate::control::request(socket, &req)) {
+        Ok(v) => serde_json::from_value(v)
+            .map(Some)
+            .map_err(|e| format!("unexpected answer: {e}")),
+        Err(crate::control::ControlError::Remote(e)) => Err(e),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The agent side of `incident_declare` (control socket): record the incident in
+/// `state_dir` and return it as JSON. The outbox ships it and builds the bundle.
+pub fn declare_from_json(
+    state_dir: &Path,
+    agent_id: &str,
+    host: &str,
+    req: &serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let level = req["level"]
+        .as_u64()
+        .and_then(|l| u8::try_from(l).ok())
+        .ok_or("`level` must be 1 to 4")?;
+    let summary = req["summary"].as_str().ok_or("`summary` is required")?;
+    let mut r = DeclareRequest::new(level, summary.to_string());
+    r.details = req["details"].as_str().unwrap_or_default().to_string();
+    r.discovered_at = match req["discovered_at"].as_str() {
+        Some(t) => Some(parse_time(t).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let flag = |k: &str| req[k].as_bool().unwrap_or(false);
+    r.support_requested = flag("support_requested");
+    r.affects_other_agencies = flag("affects_other_agencies");
+    r.affects_critical_infrastructure = flag("affects_critical_infrastructure");
+    r.drill = flag("drill");
+    let store = IncidentStore::open(state_dir).map_err(|e| e.to_string())?;
+    let inc = store
+        .declare(r, agent_id, host)
+        .map_err(|e| e.to_string())?;
+    if flag("no_bundle") {
+        let dir = store.incident_dir(&inc.id).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join(super::NO_BUNDLE_MARKER), b"").map_err(|e| e.to_string())?;
+    }
+    serde_json::to_value(&inc).map_err(|e| e.to_string())
 }
