@@ -264,14 +264,16 @@ pub fn agent_started(figures: AgentFigures, hb: Heartbeat, shutdown: Cancellatio
     if figures.upstream.is_none() {
         spawn_idle_reload(shutdown.clone());
     }
+    let total = |f: &AgentFigures| f.sources.iter().map(SourceCounter::events).sum::<u64>();
+    // The baseline is taken before READY=1: lines read right after it count in the
+    // first rate, however late the reporting task first runs.
+    let mut last = (Instant::now(), total(&figures));
     ready();
     spawn_watchdog(hb, shutdown.clone());
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
     tokio::spawn(async move {
-        let total = |f: &AgentFigures| f.sources.iter().map(SourceCounter::events).sum::<u64>();
-        let mut last = (Instant::now(), total(&figures));
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(STATUS_EVERY) => {}
