@@ -173,6 +173,9 @@ fn init_logging(format: LogFormat, default_level: &str) {
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
+        // Compression, spool and store I/O run on the blocking pool; a few threads keep
+        // both cores busy, and every extra thread would get its own malloc arena.
+        .max_blocking_threads(8)
         .enable_all()
         .build()
         .context("cannot start the async runtime")
