@@ -14,6 +14,7 @@
 //! are all blocked, stops the pets, and systemd restarts soclink within
 //! `HEARTBEAT_STALE + WatchdogSec`; recovery on restart then decides what is durable.
 
+use crate::util::lock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -245,11 +246,6 @@ fn upstream_text(upstream: Option<&UpstreamStatus>, now: SystemTime) -> String {
         }
         (None, _) => "upstream connecting".to_string(),
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panicked holder leaves plain figures behind: still fine to read.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The agent's pipeline is set up: READY=1, a first STATUS=, then STATUS= every

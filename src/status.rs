@@ -13,6 +13,7 @@
 //! pipeline. The spool's and the store's locks can be held across an fsync, so
 //! snapshots are taken on the blocking pool, never on an async worker.
 
+use crate::util::lock;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -264,11 +265,6 @@ pub fn spawn_relay_control(
 
 fn get(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
-}
-
-/// A poisoned lock still holds the last figures; status shows them rather than fail.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl SourceCounters {

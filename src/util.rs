@@ -82,6 +82,12 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+/// Lock a mutex, taking the data even if a panicking thread poisoned it: every mutex
+/// here guards counters or handles that stay consistent across a panic.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// fsync a directory so that entries created, renamed or removed in it survive a power
 /// cut (a file fsync alone does not persist its directory entry).
 pub fn sync_dir(dir: &Path) -> io::Result<()> {

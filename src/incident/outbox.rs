@@ -99,12 +99,7 @@ impl Outbox {
     fn one(&self, store: &IncidentStore, mut inc: Incident) -> Result<()> {
         let idir = store.incident_dir(&inc.id)?;
         let st_path = idir.join("outbox.json");
-        let cached = self
-            .sent
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&inc.id)
-            .cloned();
+        let cached = crate::util::lock(&self.sent).get(&inc.id).cloned();
         let mut st: OutboxState = cached.unwrap_or_else(|| {
             std::fs::read(&st_path)
                 .ok()
@@ -147,7 +142,7 @@ impl Outbox {
         // The record, whenever it changed (declared, bundle built, marks, closed).
         if self.ship {
             let compact = serde_json::to_vec(&inc)?;
-            let sha = hex(&Sha256::digest(&compact));
+            let sha = super::hex(&Sha256::digest(&compact));
             if sha != st.record_sha256 {
                 let mut line = compact;
                 line.push(b'\n');
@@ -202,10 +197,7 @@ impl Outbox {
         }
 
         if st != before {
-            self.sent
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(inc.id.clone(), st.clone());
+            crate::util::lock(&self.sent).insert(inc.id.clone(), st.clone());
             write_atomic(&st_path, &serde_json::to_vec(&st)?).with_context(|| {
                 format!(
                     "cannot write {} (incident folders must be writable by the agent's user: run `soclink incident` as that user)",
@@ -290,10 +282,6 @@ impl Outbox {
         tracing::info!(incident = %id, "evidence bundle queued for the relay: {total} bytes in {} chunks", last - first + 1);
         Ok((first, last))
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// When the incident was last acknowledged, for status output.

@@ -176,11 +176,7 @@ pub fn file_sha256(path: &Path) -> std::io::Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(hex(&h.finalize()))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    Ok(crate::incident::hex(&h.finalize()))
 }
 
 /// The manifest of a bundle that already verified (so its structure is known good).

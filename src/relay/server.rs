@@ -11,6 +11,7 @@
 //! Acknowledgements are sent in the order batches arrived, each only after the sink's
 //! group commit that included it.
 
+use crate::util::lock;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -431,8 +432,4 @@ async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
 ) -> Result<()> {
     protocol::write_frame(wr, &error(code, message.clone())).await?;
     anyhow::bail!(message)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -3,6 +3,7 @@
 //! connections' batches, one fsync round, then every reply. A batch's reply is sent only
 //! after the commit that made it durable, and the connection acknowledges it only then.
 
+use crate::util::lock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -293,8 +294,4 @@ fn spool_writer(mut rx: mpsc::Receiver<WriteReq>, spool: Spool, stop: Arc<Atomic
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
