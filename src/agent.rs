@@ -324,7 +324,56 @@ impl Agent {
             .as_ref()
             .map(|u| u.address.clone())
             .zip(ctl_link);
-        let ctl = AgentHandles::new(&cfg, ctl_sources, spool.clone(), ctl_up, started);
+        let mut ctl = AgentHandles::new(&cfg, ctl_sources, spool.clone(), ctl_up, started);
+        // intel: the periodic upload task and its include-file tailer (see crate::intel).
+        let intel_task = match &cfg.intel {
+            Some(settings) => {
+                let (itx, irx) = mpsc::channel::<SealedBatch>(2);
+                let (ntx, nrx) = mpsc::channel(4);
+                let (settings, cfg2, prio, handles) =
+                    (settings.clone(), cfg.clone(), priority.clone(), ctl.clone());
+                let collector = tokio::task::spawn_blocking(move || {
+                    crate::intel::collector::Collector::open(
+                        &settings,
+                        &cfg2.id,
+                        &cfg2.host,
+                        &cfg2.state_dir,
+                        prio,
+                        handles,
+                    )
+                    .map(|c| (c, settings))
+                })
+                .await??;
+                let (collector, settings) = collector;
+                ctl.intel = Some(crate::intel::collector::IntelHandle {
+                    status: collector.status(),
+                    run_now: ntx,
+                });
+                let src = FileSource::new(
+                    crate::intel::SOURCE.to_string(),
+                    cfg.host.clone(),
+                    collector.files(&settings),
+                    limits,
+                    collector.positions(),
+                    itx,
+                    stop_sources.clone(),
+                    Arc::default(),
+                );
+                threads.push(
+                    std::thread::Builder::new()
+                        .name("intel-files".into())
+                        .spawn(move || src.run())
+                        .context("cannot start the intel file thread")?,
+                );
+                Some(tokio::spawn(crate::intel::collector::run(
+                    collector,
+                    irx,
+                    nrx,
+                    ship_stop.clone(),
+                )))
+            }
+            None => None,
+        };
         if let Some(addr) = cfg.metrics.listen {
             // metrics: Prometheus endpoint over the same handles (see crate::metrics).
             let figures = crate::metrics::Figures::Agent(ctl.clone()); // metrics
@@ -381,6 +430,9 @@ impl Agent {
         // unacknowledged stays in the spool for the next start.
         ship_stop.cancel();
         let _ = outbox_task.await;
+        if let Some(t) = intel_task {
+            let _ = t.await;
+        }
         if let Some(s) = shipper {
             s.await??;
         }

@@ -63,14 +63,47 @@ pub enum Item {
         /// SHA-256 (hex) of the whole bundle file; checked when the last chunk is in.
         sha256: String,
     },
+    /// A chunk of one periodic SOC intelligence upload (see [`crate::intel`]): raw
+    /// bytes of the item file `name` (a `.json.gz`), stored at the relay under
+    /// `<store>/<agent>/intel/<name>`.
+    IntelChunk {
+        name: String,
+        offset: u64,
+        total: u64,
+        /// SHA-256 (hex) of the whole item file; checked when the last chunk is in.
+        sha256: String,
+    },
 }
 
 impl Item {
-    pub fn incident(&self) -> &str {
+    /// The path component the relay files this item under: the incident id, or the
+    /// intel item's file name.
+    pub fn key(&self) -> &str {
         match self {
             Item::IncidentRecord { incident }
             | Item::IncidentReport { incident }
             | Item::BundleChunk { incident, .. } => incident,
+            Item::IntelChunk { name, .. } => name,
+        }
+    }
+
+    /// `(offset, total, sha256)` of a chunk of a file shipped in pieces: raw bytes,
+    /// checked as a whole when the last piece is in (not NDJSON like a batch).
+    pub fn chunk(&self) -> Option<(u64, u64, &str)> {
+        match self {
+            Item::BundleChunk {
+                offset,
+                total,
+                sha256,
+                ..
+            }
+            | Item::IntelChunk {
+                offset,
+                total,
+                sha256,
+                ..
+            } => Some((*offset, *total, sha256)),
+            _ => None,
         }
     }
 }

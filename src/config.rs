@@ -106,6 +106,8 @@ pub struct AgentConfig {
     pub upstream: Option<UpstreamConfig>,
     pub incident: IncidentSettings,
     pub metrics: MetricsSettings,
+    /// `[intel]`: periodic SOC intelligence upload; `None` when the section is absent.
+    pub intel: Option<crate::intel::IntelSettings>,
 }
 
 /// `[metrics]`: the Prometheus scrape endpoint (agent and relay; see crate::metrics).
@@ -213,6 +215,20 @@ struct RawAgent {
     incident: Option<RawIncident>,
     #[serde(default)]
     metrics: RawMetrics,
+    intel: Option<Spanned<RawIntel>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIntel {
+    every: Option<Spanned<HumanDuration>>,
+    #[serde(default)]
+    include: Vec<Spanned<String>>,
+    #[serde(default)]
+    exclude: Vec<Spanned<String>>,
+    start_at: Option<StartAt>,
+    max_upload_size: Option<Spanned<Size>>,
+    max_line_bytes: Option<Spanned<Size>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -464,8 +480,12 @@ pub fn parse_agent(text: &str) -> Result<AgentConfig, Vec<Problem>> {
         }
     }
     let spool = spool_settings(raw.spool, &mut p);
+    let has_upstream = raw.upstream.is_some();
     let upstream = raw.upstream.and_then(|u| upstream(u, &mut p));
     let metrics = metrics_settings(raw.metrics, &mut p);
+    let intel = raw
+        .intel
+        .and_then(|i| intel_settings(i, has_upstream, &mut p));
     let mut incident = IncidentSettings::default();
     if let Some(i) = raw.incident {
         if let Some(l) = i.auto_bundle_levels {
@@ -507,6 +527,7 @@ pub fn parse_agent(text: &str) -> Result<AgentConfig, Vec<Problem>> {
         spool,
         upstream,
         metrics,
+        intel,
     })
 }
 
@@ -529,29 +550,12 @@ fn file_source(
             return None;
         }
     };
-    for g in s.include.iter().flatten() {
-        let pat = g.get_ref();
-        if !Path::new(pat).is_absolute() {
-            p.at(
-                g.span(),
-                format!("include pattern {pat:?} must be an absolute path"),
-            );
-            ok = false;
-        } else if let Err(e) = glob::Pattern::new(pat) {
-            p.at(g.span(), format!("bad glob {pat:?}: {e}"));
-            ok = false;
-        }
-    }
-    let mut exclude = Vec::new();
-    for g in s.exclude.iter().flatten() {
-        match glob::Pattern::new(g.get_ref()) {
-            Ok(pat) => exclude.push(pat),
-            Err(e) => {
-                p.at(g.span(), format!("bad glob {:?}: {e}", g.get_ref()));
-                ok = false;
-            }
-        }
-    }
+    let (globs_ok, exclude) = check_globs(
+        s.include.as_deref().unwrap_or_default(),
+        s.exclude.as_deref().unwrap_or_default(),
+        p,
+    );
+    ok &= globs_ok;
     let max_line_bytes = s.max_line_bytes.as_ref().map_or(1 << 20, |m| m.get_ref().0);
     if let Some(m) = &s.max_line_bytes
         && !(16..=(256 << 20)).contains(&max_line_bytes)
@@ -579,6 +583,111 @@ fn file_source(
             .map_or(Duration::from_secs(5), |d| d.0),
         rescan_interval,
         rotate_wait: s.rotate_wait.map_or(Duration::from_secs(5), |d| d.0),
+    })
+}
+
+/// Include patterns must be absolute, valid globs; exclude patterns valid globs.
+fn check_globs(
+    include: &[Spanned<String>],
+    exclude: &[Spanned<String>],
+    p: &mut Problems,
+) -> (bool, Vec<glob::Pattern>) {
+    let mut ok = true;
+    for g in include {
+        let pat = g.get_ref();
+        if !Path::new(pat).is_absolute() {
+            p.at(
+                g.span(),
+                format!("include pattern {pat:?} must be an absolute path"),
+            );
+            ok = false;
+        } else if let Err(e) = glob::Pattern::new(pat) {
+            p.at(g.span(), format!("bad glob {pat:?}: {e}"));
+            ok = false;
+        }
+    }
+    let mut out = Vec::new();
+    for g in exclude {
+        match glob::Pattern::new(g.get_ref()) {
+            Ok(pat) => out.push(pat),
+            Err(e) => {
+                p.at(g.span(), format!("bad glob {:?}: {e}", g.get_ref()));
+                ok = false;
+            }
+        }
+    }
+    (ok, out)
+}
+
+/// `[intel]`: needs `[upstream]` (it exists to send to the center).
+fn intel_settings(
+    raw: Spanned<RawIntel>,
+    has_upstream: bool,
+    p: &mut Problems,
+) -> Option<crate::intel::IntelSettings> {
+    let span = raw.span();
+    let i = raw.into_inner();
+    let mut ok = true;
+    if !has_upstream {
+        p.at(
+            span,
+            "[intel] uploads to the center and needs an [upstream] section",
+        );
+        ok = false;
+    }
+    let every = i
+        .every
+        .as_ref()
+        .map_or(Duration::from_secs(3600), |d| d.get_ref().0);
+    if let Some(d) = &i.every
+        && (every < Duration::from_secs(1)
+            || every > Duration::from_secs(7 * 86400)
+            || every.subsec_nanos() != 0)
+    {
+        p.at(
+            d.span(),
+            "intel.every must be whole seconds between 1s and 7d (e.g. \"1h\")",
+        );
+        ok = false;
+    }
+    let (globs_ok, exclude) = check_globs(&i.include, &i.exclude, p);
+    ok &= globs_ok;
+    let max_upload_size = i
+        .max_upload_size
+        .as_ref()
+        .map_or(256 << 20, |m| m.get_ref().0);
+    if let Some(m) = &i.max_upload_size
+        && !((1 << 10)..=(4 << 30)).contains(&max_upload_size)
+    {
+        p.at(
+            m.span(),
+            "intel.max_upload_size must be between 1KiB and 4GiB",
+        );
+        ok = false;
+    }
+    let max_line_bytes = i.max_line_bytes.as_ref().map_or(1 << 20, |m| m.get_ref().0);
+    if let Some(m) = &i.max_line_bytes
+        && !(16..=(256 << 20)).contains(&max_line_bytes)
+    {
+        p.at(
+            m.span(),
+            "intel.max_line_bytes must be between 16B and 256MiB",
+        );
+        ok = false;
+    }
+    ok.then(|| crate::intel::IntelSettings {
+        every,
+        files: FileSourceConfig {
+            include: i.include.iter().map(|g| g.get_ref().clone()).collect(),
+            exclude,
+            // Alert files that exist at the first start hold the past, not this period.
+            start_at: i.start_at.unwrap_or(StartAt::End),
+            max_line_bytes,
+            partial_line_timeout: Duration::from_secs(5),
+            rescan_interval: Duration::from_secs(1),
+            rotate_wait: Duration::from_secs(5),
+        },
+        max_upload_size,
     })
 }
 
@@ -873,6 +982,14 @@ impl AgentConfig {
             None => out.push_str(
                 " There is no [upstream]: batches stay in the local spool (see `soclink spool dump`).",
             ),
+        }
+        if let Some(i) = &self.intel {
+            out.push_str(&format!(
+                " Every {} an intel item goes to the center with a summary of the period and the records of {} include pattern(s) (at most {} of records per item).",
+                HumanDuration(i.every),
+                i.files.include.len(),
+                crate::util::Size(i.max_upload_size)
+            ));
         }
         out.push_str(&self.metrics.summary());
         out

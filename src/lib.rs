@@ -29,6 +29,7 @@ pub mod control;
 pub mod demo;
 pub mod event;
 pub mod incident;
+pub mod intel;
 pub mod metrics;
 pub mod protocol;
 pub mod relay;

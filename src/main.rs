@@ -102,6 +102,31 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SpoolCmd,
     },
+    /// Periodic SOC intelligence uploads to the center (`[intel]` in the agent's config).
+    /// The agent uploads one item per period by itself; `soclink status` shows the last
+    /// period delivered and the next one due.
+    Intel {
+        #[command(subcommand)]
+        cmd: IntelCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum IntelCmd {
+    /// Upload the open period so far now, marked partial (for drills and checks). It is
+    /// a preview: the period's full item still follows when the period ends, with all of
+    /// its records. Asks the running agent through its control socket.
+    RunNow {
+        /// Agent configuration file to read `control_socket` from.
+        #[arg(short, long, default_value = "/etc/soclink/agent.toml")]
+        config: PathBuf,
+        /// The control socket (overrides the config's).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print the queued item as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -258,6 +283,14 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             json,
         } => Ok(soclink::status::cli(socket, config, json)),
         Cmd::CheckConfig { config, kind } => check_config(&config, kind),
+        Cmd::Intel {
+            cmd:
+                IntelCmd::RunNow {
+                    config,
+                    socket,
+                    json,
+                },
+        } => Ok(soclink::intel::run_now_cli(&config, socket, json)),
         Cmd::Incident(args) => {
             let cfg = config::load_agent(&args.config).ok();
             let settings = cfg.as_ref().map(|c| c.incident.clone()).unwrap_or_default();

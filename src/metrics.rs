@@ -631,6 +631,7 @@ mod tests {
                 acked_seq: 9,
                 reconnects: 4,
             }),
+            intel: None,
         };
         let t = encode_agent(&st).unwrap();
         for want in [

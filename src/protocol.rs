@@ -219,19 +219,13 @@ impl BatchHeader {
             component("origin stream", &o.stream)?;
         }
         if let Some(item) = &self.item {
-            component("incident", item.incident())?;
-            if let crate::batch::Item::BundleChunk {
-                offset,
-                total,
-                sha256,
-                ..
-            } = item
-            {
-                if *offset > *total {
-                    return Err(format!("bundle chunk offset {offset} beyond total {total}"));
+            component("item", item.key())?;
+            if let Some((offset, total, sha256)) = item.chunk() {
+                if offset > total {
+                    return Err(format!("chunk offset {offset} beyond total {total}"));
                 }
                 if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err("bundle sha256 is not 64 hex digits".into());
+                    return Err("chunk sha256 is not 64 hex digits".into());
                 }
             }
         }

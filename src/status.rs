@@ -53,6 +53,9 @@ pub struct AgentStatus {
     pub spool: SpoolStatus,
     /// `null` when the agent has no `[upstream]` (it only spools).
     pub upstream: Option<LinkStatus>,
+    /// Absent when `[intel]` is not configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intel: Option<Box<crate::intel::collector::IntelStatus>>,
 }
 
 /// One source's counters since the agent started. Fields a source type does not have
@@ -194,6 +197,8 @@ pub struct AgentHandles {
     pub spool_max_bytes: u64,
     pub upstream: Option<LinkHandle>,
     pub started: Instant,
+    /// The intel task, when `[intel]` is configured.
+    pub intel: Option<crate::intel::collector::IntelHandle>,
 }
 
 /// What a running relay shares with the control socket.
@@ -226,6 +231,7 @@ impl AgentHandles {
             spool_max_bytes: cfg.spool.max_size,
             upstream: upstream.map(|(address, status)| LinkHandle { address, status }),
             started,
+            intel: None,
         }
     }
 }
@@ -354,6 +360,10 @@ impl AgentHandles {
                 .collect(),
             spool: spool_status(&self.spool, self.spool_max_bytes),
             upstream: self.upstream.as_ref().map(LinkHandle::snapshot),
+            intel: self
+                .intel
+                .as_ref()
+                .map(|i| Box::new(lock(&i.status).clone())),
         }
     }
 }
@@ -435,7 +445,7 @@ impl RelayHandles {
     }
 }
 
-const COMMANDS: &[&str] = &["status", "incident_declare"];
+const COMMANDS: &[&str] = &["status", "incident_declare", "intel_run_now"];
 
 impl Handler for AgentHandles {
     fn handle(&self, req: Value) -> HandlerFuture<'_> {
@@ -460,6 +470,21 @@ impl Handler for AgentHandles {
                     })
                     .await
                     .map_err(|e| format!("declare failed: {e}"))?
+                }
+                "intel_run_now" => {
+                    let Some(intel) = &self.intel else {
+                        return Err("this agent has no [intel] section in its config".into());
+                    };
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    intel
+                        .run_now
+                        .send(tx)
+                        .await
+                        .map_err(|_| "the intel task is not running".to_string())?;
+                    let q = rx
+                        .await
+                        .map_err(|_| "the intel task stopped".to_string())??;
+                    serde_json::to_value(q).map_err(|e| e.to_string())
                 }
                 other => Err(control::unknown_command(other, COMMANDS)),
             }
@@ -661,7 +686,46 @@ pub fn render_agent(s: &AgentStatus) -> String {
             out.push_str("\nUPSTREAM none (no [upstream] configured: logs stay in the spool)\n")
         }
     }
+    if let Some(i) = &s.intel {
+        render_intel(&mut out, i);
+    }
     out
+}
+
+fn render_intel(out: &mut String, i: &crate::intel::collector::IntelStatus) {
+    out.push_str(&format!(
+        "\nINTEL (every {})\n",
+        human_duration(Duration::from_secs(i.every_secs))
+    ));
+    out.push_str(&format!(
+        "  open        since {}, {} batch{} of records staged\n",
+        i.open_period_start,
+        i.staged_records,
+        if i.staged_records == 1 { "" } else { "es" }
+    ));
+    out.push_str(&format!("  next due    {}\n", i.next_due));
+    out.push_str(&match &i.last_delivered {
+        Some(d) => format!(
+            "  delivered   {} .. {}{} ({} records), acknowledged {}\n",
+            d.period_start,
+            d.period_end,
+            if d.partial { " partial" } else { "" },
+            d.records,
+            d.acknowledged_at
+        ),
+        None => "  delivered   none yet\n".to_string(),
+    });
+    if let Some(q) = i.queued.first() {
+        out.push_str(&format!(
+            "  waiting     {} item(s) for the relay, oldest {} .. {}\n",
+            i.queued.len(),
+            q.period_start,
+            q.period_end
+        ));
+    }
+    if let Some(e) = &i.last_error {
+        out.push_str(&format!("  error       {e}\n"));
+    }
 }
 
 fn render_spool(out: &mut String, title: &str, sp: &SpoolStatus) {
@@ -942,6 +1006,7 @@ mod tests {
                 acked_seq: 9,
                 reconnects: 4,
             }),
+            intel: None,
         };
         let text = render_agent(&st);
         assert!(

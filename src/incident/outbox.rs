@@ -240,48 +240,72 @@ impl Outbox {
 
     /// The bundle in chunks; returns the first and last seq.
     fn enqueue_bundle(&self, id: &str, path: &Path) -> Result<(u64, u64)> {
-        let total = std::fs::metadata(path)?.len();
-        let sha = crate::relay::incidents::file_sha256(path)?;
-        let mut f = std::fs::File::open(path)?;
-        let mut buf = vec![0u8; CHUNK];
-        let mut offset = 0u64;
-        let (mut first, mut last) = (0, 0);
-        loop {
-            let mut n = 0;
-            while n < CHUNK {
-                let k = f.read(&mut buf[n..])?;
-                if k == 0 {
-                    break;
+        let (first, last, total) =
+            enqueue_file(&self.spool, path, "incidents", |offset, total, sha| {
+                Item::BundleChunk {
+                    incident: id.to_string(),
+                    offset,
+                    total,
+                    sha256: sha.to_string(),
                 }
-                n += k;
-            }
-            if n == 0 && offset > 0 {
-                break;
-            }
-            let item = Item::BundleChunk {
-                incident: id.to_string(),
-                offset,
-                total,
-                sha256: sha.clone(),
-            };
-            let meta = serde_json::to_vec(&self.meta(item, 0, n as u64))?;
-            while self.spool.is_full() {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            let seq = self.spool.append(&meta, &buf[..n])?;
-            if first == 0 {
-                first = seq;
-            }
-            last = seq;
-            offset += n as u64;
-            if n < CHUNK {
-                break;
-            }
-        }
-        self.spool.commit()?;
+            })?;
         tracing::info!(incident = %id, "evidence bundle queued for the relay: {total} bytes in {} chunks", last - first + 1);
         Ok((first, last))
     }
+}
+
+/// Put a file into `spool` in [`CHUNK`]-sized records (waiting while the spool is
+/// full), each described by `item(offset, total, sha256)`; commits. Returns the first
+/// and last seq and the file's size.
+pub fn enqueue_file(
+    spool: &Spool,
+    path: &Path,
+    source: &str,
+    item: impl Fn(u64, u64, &str) -> Item,
+) -> Result<(u64, u64, u64)> {
+    let total = std::fs::metadata(path)?.len();
+    let sha = crate::relay::incidents::file_sha256(path)?;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut offset = 0u64;
+    let (mut first, mut last) = (0, 0);
+    loop {
+        let mut n = 0;
+        while n < CHUNK {
+            let k = f.read(&mut buf[n..])?;
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        if n == 0 && offset > 0 {
+            break;
+        }
+        let meta = BatchMeta {
+            source: source.to_string(),
+            day: crate::util::day_of(&crate::util::now_rfc3339()).to_string(),
+            events: 0,
+            raw_bytes: n as u64,
+            origin: None,
+            item: Some(item(offset, total, &sha)),
+            cursor: None,
+        };
+        let meta = serde_json::to_vec(&meta)?;
+        while spool.is_full() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let seq = spool.append(&meta, &buf[..n])?;
+        if first == 0 {
+            first = seq;
+        }
+        last = seq;
+        offset += n as u64;
+        if n < CHUNK {
+            break;
+        }
+    }
+    spool.commit()?;
+    Ok((first, last, total))
 }
 
 /// When the incident was last acknowledged, for status output.

@@ -34,6 +34,8 @@ pub enum Outcome {
     Stored(String),
     BundleComplete(PathBuf),
     BundleRejected(String),
+    IntelComplete(PathBuf),
+    IntelRejected(String),
 }
 
 pub fn incident_dir(store_dir: &Path, agent: &str, incident: &str) -> PathBuf {
@@ -47,7 +49,7 @@ pub fn store_item(
     item: &Item,
     payload: &[u8],
 ) -> Result<Outcome, String> {
-    let incident = item.incident();
+    let incident = item.key();
     crate::tls::validate_identity(incident).map_err(|e| format!("incident id: {e}"))?;
     let dir = incident_dir(store_dir, agent, incident);
     create_dir_all_durable(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -70,6 +72,7 @@ pub fn store_item(
             sha256,
             ..
         } => store_chunk(&dir, *offset, *total, sha256, payload),
+        Item::IntelChunk { .. } => Err("an intel item is not an incident item".into()),
     }
 }
 
@@ -103,32 +106,16 @@ fn store_chunk(
 ) -> Result<Outcome, String> {
     let fin = dir.join("bundle.tar.gz");
     let part = dir.join("bundle.tar.gz.part");
-    let end = offset
-        .checked_add(payload.len() as u64)
-        .filter(|e| *e <= total)
-        .ok_or_else(|| format!("bundle chunk at {offset} runs past the bundle's {total} bytes"))?;
     if fin.exists() && !part.exists() {
         // Already complete: a resent chunk after the final rename.
         return Ok(Outcome::Stored("bundle chunk (already complete)".into()));
     }
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&part)
-        .map_err(|e| format!("cannot open {}: {e}", part.display()))?;
-    f.write_all_at(payload, offset)
-        .and_then(|()| f.sync_data())
-        .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
-    sync_dir(dir).map_err(|e| e.to_string())?;
-    if end < total {
+    let Some(len) = write_chunk(&part, offset, total, payload)? else {
         return Ok(Outcome::Stored(format!(
-            "bundle chunk {offset}..{end} of {total}"
+            "bundle chunk at {offset} of {total}"
         )));
-    }
+    };
     // The last chunk: the whole file must hash right and verify member by member.
-    let len = f.metadata().map_err(|e| e.to_string())?.len();
     let reason = if len != total {
         Some(format!("bundle is {len} bytes, expected {total}"))
     } else {
@@ -157,6 +144,40 @@ fn store_chunk(
             Ok(Outcome::BundleRejected(why))
         }
     }
+}
+
+/// Write one piece of a file that arrives in chunks at its offset, durably (data and
+/// directory entry). Returns the file's length when this was the last piece (the one
+/// ending at `total`), `None` while more are to come.
+pub(crate) fn write_chunk(
+    part: &Path,
+    offset: u64,
+    total: u64,
+    payload: &[u8],
+) -> Result<Option<u64>, String> {
+    let end = offset
+        .checked_add(payload.len() as u64)
+        .filter(|e| *e <= total)
+        .ok_or_else(|| format!("chunk at {offset} runs past the file's {total} bytes"))?;
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(part)
+        .map_err(|e| format!("cannot open {}: {e}", part.display()))?;
+    f.write_all_at(payload, offset)
+        .and_then(|()| f.sync_data())
+        .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
+    if let Some(dir) = part.parent() {
+        sync_dir(dir).map_err(|e| e.to_string())?;
+    }
+    if end < total {
+        return Ok(None);
+    }
+    f.metadata()
+        .map(|m| Some(m.len()))
+        .map_err(|e| e.to_string())
 }
 
 fn verify(path: &Path) -> Result<(), String> {

@@ -9,6 +9,7 @@
 //! batch's origin (agent, stream, sequence) so the top relay stores it exactly once.
 
 pub mod incidents;
+pub mod intel;
 pub mod server;
 pub mod sink;
 pub mod store;

@@ -324,9 +324,9 @@ impl Server {
                     let max = self.settings.max_batch_bytes;
                     let (events, raw) = (h.events, h.raw_bytes);
                     let g2 = gzip.clone();
-                    // Bundle chunks are raw tar.gz bytes, checked as a whole (every
-                    // manifest hash) when the last one is in; everything else is NDJSON.
-                    let is_chunk = matches!(h.item, Some(crate::batch::Item::BundleChunk { .. }));
+                    // Chunks (of a bundle or an intel item) are raw file bytes, checked
+                    // as a whole when the last one is in; everything else is NDJSON.
+                    let is_chunk = h.item.as_ref().is_some_and(|i| i.chunk().is_some());
                     let verified = tokio::task::spawn_blocking(move || {
                         if is_chunk {
                             Ok(())

@@ -215,17 +215,31 @@ fn store_item(
     if r.seq <= st.position(&r.agent, &r.stream) {
         return Ok(Stored::Duplicate);
     }
-    match super::incidents::store_item(store_dir, &r.agent, item, &r.gzip) {
+    let stored = match item {
+        crate::batch::Item::IntelChunk {
+            name,
+            offset,
+            total,
+            sha256,
+        } => super::intel::store_chunk(store_dir, &r.agent, name, *offset, *total, sha256, &r.gzip),
+        _ => super::incidents::store_item(store_dir, &r.agent, item, &r.gzip),
+    };
+    match stored {
         Ok(outcome) => {
+            use super::incidents::Outcome;
             match &outcome {
-                super::incidents::Outcome::Stored(what) => {
-                    tracing::info!(agent = %r.agent, "stored {what}")
+                Outcome::Stored(what) => tracing::info!(agent = %r.agent, "stored {what}"),
+                Outcome::BundleComplete(p) => {
+                    tracing::info!(agent = %r.agent, incident = item.key(), "evidence bundle verified and stored: {}", p.display())
                 }
-                super::incidents::Outcome::BundleComplete(p) => {
-                    tracing::info!(agent = %r.agent, incident = item.incident(), "evidence bundle verified and stored: {}", p.display())
+                Outcome::BundleRejected(why) => {
+                    tracing::error!(agent = %r.agent, incident = item.key(), "evidence bundle REFUSED: {why}; kept aside as bundle.tar.gz.rejected")
                 }
-                super::incidents::Outcome::BundleRejected(why) => {
-                    tracing::error!(agent = %r.agent, incident = item.incident(), "evidence bundle REFUSED: {why}; kept aside as bundle.tar.gz.rejected")
+                Outcome::IntelComplete(p) => {
+                    tracing::info!(agent = %r.agent, "intel item verified and stored: {}", p.display())
+                }
+                Outcome::IntelRejected(why) => {
+                    tracing::error!(agent = %r.agent, item = item.key(), "intel item REFUSED: {why}; kept aside as .rejected")
                 }
             }
             st.advance(&r.agent, &r.stream, r.seq)
@@ -233,7 +247,7 @@ fn store_item(
                 .map_err(|e| format!("cannot record batch {}#{}: {e}", r.stream, r.seq))
         }
         Err(e) => {
-            tracing::warn!(agent = %r.agent, "incident item {}#{} not stored: {e}", r.stream, r.seq);
+            tracing::warn!(agent = %r.agent, "item {}#{} not stored: {e}", r.stream, r.seq);
             Err(e)
         }
     }
