@@ -151,17 +151,7 @@ impl Agent {
                 Checkpoints::default()
             }
         };
-        let mut replayed = 0;
-        for rec in spool.records_from(checkpoints.spool_seq + 1) {
-            let rec = rec?;
-            if let Ok(meta) = serde_json::from_slice::<BatchMeta>(&rec.meta)
-                && let Some(cursor) = &meta.cursor
-            {
-                checkpoints.apply(&meta.source, cursor);
-            }
-            checkpoints.spool_seq = rec.seq;
-            replayed += 1;
-        }
+        let replayed = checkpoints.replay(&spool)?;
         if replayed > 0 {
             tracing::info!(
                 "replayed the positions of {replayed} spooled batches newer than the checkpoint file"

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::util::write_atomic;
+use crate::spool::fs::{Fs, RealFs, read_all, write_atomic};
 
 const MAGIC: &str = "soclink-checkpoints v1 crc32=";
 
@@ -77,11 +77,14 @@ impl Checkpoints {
 
     /// Load the checkpoint file; a missing file is an empty checkpoint.
     pub fn load(path: &Path) -> Result<Checkpoints, CheckpointError> {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Checkpoints::default());
-            }
+        Self::load_with(&RealFs, path)
+    }
+
+    /// [`Checkpoints::load`] through a file-system seam (the crash model uses SimFs).
+    pub fn load_with(fs: &dyn Fs, path: &Path) -> Result<Checkpoints, CheckpointError> {
+        let bytes = match read_all(fs, path) {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok(Checkpoints::default()),
             Err(source) => {
                 return Err(CheckpointError::Io {
                     path: path.to_path_buf(),
@@ -116,7 +119,29 @@ impl Checkpoints {
     }
 
     pub fn store(&self, path: &Path) -> std::io::Result<()> {
-        write_atomic(path, &self.encode())
+        self.store_with(&RealFs, path)
+    }
+
+    pub fn store_with(&self, fs: &dyn Fs, path: &Path) -> std::io::Result<()> {
+        write_atomic(fs, path, &self.encode())
+    }
+
+    /// Bring positions up to date with the spool: apply the cursors of every batch
+    /// still in the spool past `spool_seq` (the file may lag the spool; see the module
+    /// doc). Returns how many batches were replayed.
+    pub fn replay(&mut self, spool: &crate::spool::Spool) -> Result<u64, crate::spool::SpoolError> {
+        let mut replayed = 0;
+        for rec in spool.records_from(self.spool_seq + 1) {
+            let rec = rec?;
+            if let Ok(meta) = serde_json::from_slice::<crate::batch::BatchMeta>(&rec.meta)
+                && let Some(cursor) = &meta.cursor
+            {
+                self.apply(&meta.source, cursor);
+            }
+            self.spool_seq = rec.seq;
+            replayed += 1;
+        }
+        Ok(replayed)
     }
 
     /// Apply the cursor a source attached to a batch: a list of file positions (file

@@ -139,3 +139,44 @@ impl Fs for RealFs {
         }
     }
 }
+
+/// Replace `path` with `bytes` atomically through `fs`: temp file, fsync, rename, fsync
+/// of the directory. After a crash `path` holds the old bytes or the new ones.
+pub fn write_atomic(fs: &dyn Fs, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = dir.join(name);
+    // A temp file left by a crash would be appended to: start from nothing.
+    match fs.remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = fs.open(&tmp, true)?;
+    f.append(bytes)?;
+    f.sync()?;
+    drop(f);
+    fs.rename(&tmp, path)?;
+    fs.sync_dir(dir)
+}
+
+/// The whole content of `path` through `fs`; `None` when it does not exist.
+pub fn read_all(fs: &dyn Fs, path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let f = match fs.open(path, false) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = usize::try_from(f.size()?).map_err(io::Error::other)?;
+    let mut out = vec![0u8; len];
+    let mut at = 0;
+    while at < len {
+        let n = f.read_at(at as u64, &mut out[at..])?;
+        if n == 0 {
+            out.truncate(at);
+            break;
+        }
+        at += n;
+    }
+    Ok(Some(out))
+}
