@@ -28,6 +28,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod event;
+pub mod fanin;
 pub mod incident;
 pub mod intel;
 pub mod metrics;

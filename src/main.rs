@@ -84,6 +84,23 @@ enum Cmd {
         #[arg(long, default_value_t = 1 << 20)]
         batch_bytes: usize,
     },
+    /// Benchmark the relay under many concurrent agents: for each count, a fresh relay
+    /// process, N client certificates, N spools of already-compressed batches shipped by
+    /// N shippers in this process at once. Prints one JSON line per count.
+    BenchFanin {
+        /// Comma-separated agent counts.
+        #[arg(long, default_value = "1,10,50,200")]
+        agents: String,
+        /// Total uncompressed volume per count, in MB, split evenly across the agents.
+        #[arg(long, default_value_t = 512)]
+        total_mb: u64,
+        /// Lines per batch.
+        #[arg(long, default_value_t = 2000)]
+        batch_lines: usize,
+        /// Where the relays' stores and the spools go (default: a temporary directory).
+        #[arg(long)]
+        work: Option<PathBuf>,
+    },
     /// Show what a running agent (or relay) is doing: sources, spool, upstream link;
     /// for a relay its connected agents. Exit 1 if it is not running.
     Status {
@@ -169,7 +186,7 @@ enum SpoolCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo narrates on stdout; its components' own logs would drown it.
-    let default_level = if matches!(cli.cmd, Cmd::Demo { .. }) {
+    let default_level = if matches!(cli.cmd, Cmd::Demo { .. } | Cmd::BenchFanin { .. }) {
         "warn"
     } else {
         "info"
@@ -317,6 +334,30 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             level,
             batch_bytes,
         } => bench_compress(&file, level, batch_bytes),
+        Cmd::BenchFanin {
+            agents,
+            total_mb,
+            batch_lines,
+            work,
+        } => {
+            let tmp = tempfile::tempdir()?;
+            let work = work.unwrap_or_else(|| tmp.path().to_path_buf());
+            let counts: Vec<usize> = agents
+                .split(',')
+                .map(|a| a.trim().parse())
+                .collect::<Result<_, _>>()
+                .context("--agents must be a comma-separated list of numbers")?;
+            let rt = runtime()?;
+            rt.block_on(async {
+                for n in counts {
+                    let row = soclink::fanin::run_one(&work, n, total_mb * 1_000_000, batch_lines)
+                        .await?;
+                    println!("{}", serde_json::to_string(&row)?);
+                }
+                Ok::<_, anyhow::Error>(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Spool {
             cmd:
                 SpoolCmd::Dump {
