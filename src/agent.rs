@@ -484,6 +484,9 @@ async fn write_stage(
     let mut last_store = Instant::now();
     let mut dirty = false;
     let mut full_logged = false;
+    // A spool hovering at its limit fills and drains every few batches: say so once a
+    // minute, not at each turn.
+    let warn = crate::util::LogLimiter::default();
     let mut acked = spool.watch_acked();
     loop {
         // service: beat for the watchdog at least every second, also when idle.
@@ -514,10 +517,12 @@ async fn write_stage(
                     dirty = false;
                 }
                 if !full_logged {
-                    tracing::warn!(
-                        "spool is full ({} bytes): sources are paused until the upstream acknowledges batches",
-                        spool.stats().bytes
-                    );
+                    if let Some(repeated) = warn.check("full") {
+                        tracing::warn!(
+                            "spool is full ({} bytes): sources are paused until the upstream acknowledges batches{repeated}",
+                            spool.stats().bytes
+                        );
+                    }
                     full_logged = true;
                 }
                 heartbeat.beat(); // service: a full spool is waiting, not stuck
@@ -533,7 +538,9 @@ async fn write_stage(
                 }
             }
             if full_logged {
-                tracing::info!("spool has room again: sources resume");
+                if let Some(repeated) = warn.check("room") {
+                    tracing::info!("spool has room again: sources resume{repeated}");
+                }
                 full_logged = false;
             }
             let sp = spool.clone();
