@@ -341,23 +341,54 @@ fn reloads_in_a_row_during_heavy_writing_keep_every_line_exactly_once() {
     let idle = tmp.path().join("idle.log");
     std::fs::write(&idle, "").unwrap();
     let src_idle = file_source("idle", &[&idle], "");
+    // Every generation binds these again: a syslog listener, the metrics port, the
+    // control socket (and the state_dir lock).
+    let syslog_port = free_port();
+    let metrics_port = free_port();
+    let src_net = format!(
+        "[[source]]\nname = \"net\"\ntype = \"syslog\"\nlisten = [\"tcp://127.0.0.1:{syslog_port}\"]\n"
+    );
+    let metrics = format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n");
     // About 50k lines/s (~6 MB/s).
     let mut wa = Writer::start(&a, "a", 500, Duration::from_millis(10));
-    let s = Setup::new(&src_a);
+    let s = Setup::new(&format!("{src_a}\n{src_net}"));
+    // The first reload adds the metrics endpoint.
+    s.rewrite(&format!("{src_a}\n{src_net}"), &metrics);
+    s.reload("SIGHUP: the new config is running");
     let pid = s.pid();
+    let mut probes = Vec::new();
     for i in 0..6 {
         std::thread::sleep(Duration::from_millis(300));
         // Alternate between two configs that differ (one more source), so each SIGHUP
         // replaces the running generation.
         if i % 2 == 0 {
-            s.rewrite(&format!("{src_a}\n{src_idle}"), "");
+            s.rewrite(&format!("{src_a}\n{src_net}\n{src_idle}"), &metrics);
         } else {
-            s.rewrite(&src_a, "");
+            s.rewrite(&format!("{src_a}\n{src_net}"), &metrics);
         }
         s.reload("SIGHUP: the new config is running");
+        let probe = format!("reload-probe-{i}");
+        syslog_send(syslog_port, &probe);
+        probes.push(probe);
+        assert!(
+            scrape(metrics_port).contains("soclink_"),
+            "no metrics after reload {i}; agent log:\n{}",
+            s.agent.log()
+        );
     }
+    let out = Command::new(bin())
+        .args(["status", "--json", "--socket"])
+        .arg(s.agent.dir.join("control.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "soclink status after the reloads: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let all_a = wa.finish();
-    let evs = wait_store(&s.relay, AGENT, T, "every line", |e| e.len() >= all_a.len());
+    let total = all_a.len() + probes.len();
+    let evs = wait_store(&s.relay, AGENT, T, "every line", |e| e.len() >= total);
     // Let anything duplicated arrive too before judging.
     std::thread::sleep(Duration::from_millis(500));
     let evs = if s.stored().len() > evs.len() {
@@ -366,13 +397,49 @@ fn reloads_in_a_row_during_heavy_writing_keep_every_line_exactly_once() {
         evs
     };
     assert!(all_a.len() > 50_000, "only {} lines written", all_a.len());
-    assert_exactly_once(&evs, &all_a);
+    let (net, file): (Vec<_>, Vec<_>) = evs.into_iter().partition(|e| source_of(e) == "net");
+    assert_exactly_once(&file, &all_a);
+    for p in &probes {
+        let n = net
+            .iter()
+            .filter(|e| String::from_utf8_lossy(&message(e)).contains(p.as_str()))
+            .count();
+        assert_eq!(n, 1, "syslog message {p} stored {n} times");
+    }
     assert_eq!(s.pid(), pid);
-    assert_eq!(
-        s.agent
-            .log()
-            .matches("SIGHUP: the new config is running")
-            .count(),
-        6
-    );
+    let log = s.agent.log();
+    assert_eq!(log.matches("SIGHUP: the new config is running").count(), 7);
+    for bad in ["control socket disabled", "cannot listen", "ERROR"] {
+        assert!(!log.contains(bad), "{bad:?} in the agent log:\n{log}");
+    }
+}
+
+/// One syslog message over a new TCP connection (retried while the listener rebinds).
+fn syslog_send(port: u16, msg: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(mut c) => {
+                c.write_all(format!("<13>Nov 26 01:00:00 web-01 app: {msg}\n").as_bytes())
+                    .unwrap();
+                return;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "syslog port {port}: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// `GET /metrics` (empty when it fails).
+fn scrape(port: u16) -> String {
+    use std::io::Read;
+    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = c.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    let mut body = String::new();
+    let _ = c.read_to_string(&mut body);
+    body
 }
