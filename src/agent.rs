@@ -56,6 +56,14 @@ struct Compressed {
     gzip: Vec<u8>,
 }
 
+/// How crate::reload runs a generation.
+pub struct Supervisor {
+    /// Receives the handles a reload needs, once the generation runs.
+    pub started: tokio::sync::oneshot::Sender<Started>,
+    /// The process's shutdown (the generation's token is its child).
+    pub process: CancellationToken,
+}
+
 /// What a running generation hands to crate::reload.
 pub struct Started {
     /// The upstream certificates, reloadable in place (None without `[upstream]`).
@@ -192,15 +200,20 @@ impl Agent {
         self.run_generation(shutdown, None).await
     }
 
-    /// [`Agent::run`] as one generation of `soclink agent` (see crate::reload), which
-    /// owns SIGHUP: no handler is installed here, and `started` receives the handles a
-    /// reload needs once everything is bound and running. An error before that means
-    /// nothing was started (no source, no shipper, no listener is left behind).
+    /// [`Agent::run`] as one generation of `soclink agent` under `supervisor` (see
+    /// crate::reload), which owns SIGHUP: no handler is installed here, and the
+    /// supervisor receives the handles a reload needs once everything is bound and
+    /// running. An error before that means nothing was started (no source, no shipper,
+    /// no listener is left behind).
     pub async fn run_generation(
         self,
         shutdown: CancellationToken,
-        on_started: Option<tokio::sync::oneshot::Sender<Started>>,
+        supervisor: Option<Supervisor>,
     ) -> Result<()> {
+        let (on_started, process) = match supervisor {
+            Some(s) => (Some(s.started), Some(s.process)),
+            None => (None, None),
+        };
         let Agent {
             cfg,
             spool,
@@ -415,7 +428,11 @@ impl Agent {
             tracing::error!("pipeline failed: {err:#}");
             return Err(err.context("the agent's pipeline failed"));
         }
-        crate::service::stopping(); // service: STOPPING=1
+        // service: STOPPING=1, unless this generation ends for a reload (systemd would
+        // take STOPPING=1 for the service stopping).
+        if process.as_ref().is_none_or(|p| p.is_cancelled()) {
+            crate::service::stopping();
+        }
         tracing::info!("stopping: sealing and spooling what the sources hold");
         stop_sources.cancel();
         tokio::task::spawn_blocking(move || {

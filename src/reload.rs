@@ -31,7 +31,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{Agent, Started};
+use crate::agent::{Agent, Started, Supervisor};
 use crate::config::{self, AgentConfig, SourceKind};
 
 /// What a SIGHUP should do with a freshly read config.
@@ -58,8 +58,12 @@ pub async fn run_agent(path: &Path, cfg: AgentConfig, shutdown: CancellationToke
         }
         let generation = shutdown.child_token();
         let (started_tx, started_rx) = oneshot::channel();
+        let sup = Supervisor {
+            started: started_tx,
+            process: shutdown.clone(),
+        };
         let run = Agent::open(cfg.clone())
-            .map(|agent| tokio::spawn(agent.run_generation(generation.clone(), Some(started_tx))));
+            .map(|agent| tokio::spawn(agent.run_generation(generation.clone(), Some(sup))));
         let (mut task, started) = match run {
             Ok(mut task) => match started_rx.await {
                 Ok(s) => (task, s),
