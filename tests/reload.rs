@@ -311,6 +311,27 @@ fn sighup_with_an_invalid_config_keeps_the_running_one() {
     .unwrap();
     s.reload("needs a restart");
 
+    // Valid, but it cannot start (its metrics port is taken): the previous config runs
+    // again.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    s.rewrite(
+        &src_a,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    s.reload("starting the previous config again");
+    s.wait_log("the previous config running", |l| {
+        l.matches("agent \"test-agent\" started").count() == 2
+    });
+    assert!(
+        s.agent.log().contains(&format!(
+            "SIGHUP: the new config cannot start: cannot listen for metrics scrapes on 127.0.0.1:{port}"
+        )),
+        "{}",
+        s.agent.log()
+    );
+    drop(taken);
+
     // The running config kept collecting through all of it.
     let before = s.stored().len();
     wait_store(
