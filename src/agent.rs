@@ -56,6 +56,20 @@ struct Compressed {
     gzip: Vec<u8>,
 }
 
+/// How crate::reload runs a generation.
+pub struct Supervisor {
+    /// Receives the handles a reload needs, once the generation runs.
+    pub started: tokio::sync::oneshot::Sender<Started>,
+    /// The process's shutdown (the generation's token is its child).
+    pub process: CancellationToken,
+}
+
+/// What a running generation hands to crate::reload.
+pub struct Started {
+    /// The upstream certificates, reloadable in place (None without `[upstream]`).
+    pub tls: Option<Arc<ReloadableClientConfig>>,
+}
+
 /// Live figures shared with status reporting.
 #[derive(Default)]
 pub struct AgentStats {
@@ -171,8 +185,25 @@ impl Agent {
     }
 
     /// Run sources and the pipeline until `shutdown`; then stop sources, spool what
-    /// they hold, write checkpoints and return.
+    /// they hold, write checkpoints and return. SIGHUP reloads the upstream certificates.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        self.run_generation(shutdown, None).await
+    }
+
+    /// [`Agent::run`] as one generation of `soclink agent` under `supervisor` (see
+    /// crate::reload), which owns SIGHUP: no handler is installed here, and the
+    /// supervisor receives the handles a reload needs once everything is bound and
+    /// running. An error before that means nothing was started (no source, no shipper,
+    /// no listener is left behind).
+    pub async fn run_generation(
+        self,
+        shutdown: CancellationToken,
+        supervisor: Option<Supervisor>,
+    ) -> Result<()> {
+        let (on_started, process) = match supervisor {
+            Some(s) => (Some(s.started), Some(s.process)),
+            None => (None, None),
+        };
         let Agent {
             cfg,
             spool,
@@ -184,6 +215,8 @@ impl Agent {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         let (tx, rx) = mpsc::channel::<SealedBatch>(cpus * 2);
         let stop_sources = CancellationToken::new();
+        // An early return (a failed start) must not leave source threads running.
+        let _stop_sources_on_return = stop_sources.clone().drop_guard();
         let mut threads = Vec::new();
         let mut stats = AgentStats::default();
         let mut ctl_sources = Vec::new(); // control: live counters for `soclink status`
@@ -192,6 +225,38 @@ impl Agent {
         let limits = BatchLimits {
             max_bytes: cfg.spool.batch_max_bytes,
             max_delay: cfg.spool.batch_max_delay,
+        };
+        // Bind and load whatever can fail before any source starts, so a start (or a
+        // reload) that fails leaves nothing running: syslog listeners, the upstream
+        // certificates, the metrics port.
+        let mut syslog_bound = HashMap::new();
+        for s in &cfg.sources {
+            if let SourceKind::Syslog(scfg) = &s.kind {
+                let src = syslog_source(&s.name, &cfg.host, scfg, limits, tx.clone())
+                    .await
+                    .with_context(|| format!("source {:?}", s.name))?;
+                syslog_bound.insert(s.name.clone(), src);
+            }
+        }
+        let shipper = match &cfg.upstream {
+            Some(up) => Some(Shipper::with_lanes(
+                up.clone(),
+                vec![
+                    Lane {
+                        stream: PRIORITY_STREAM.to_string(),
+                        spool: priority.clone(),
+                    },
+                    Lane {
+                        stream: LOG_STREAM.to_string(),
+                        spool: spool.clone(),
+                    },
+                ],
+            )?),
+            None => None,
+        };
+        let metrics_listener = match cfg.metrics.listen {
+            Some(addr) => Some(crate::metrics::bind(addr).await?), // metrics
+            None => None,
         };
         for s in &cfg.sources {
             let name = s.name.clone();
@@ -249,10 +314,11 @@ impl Agent {
                             .context("cannot start a source thread")?,
                     );
                 }
-                SourceKind::Syslog(scfg) => {
-                    let src = syslog_source(&s.name, &cfg.host, scfg, limits, tx.clone())
-                        .await
-                        .with_context(|| format!("source {:?}", s.name))?;
+                SourceKind::Syslog(_) => {
+                    // Bound above, for every syslog source.
+                    let Some(src) = syslog_bound.remove(&s.name) else {
+                        continue;
+                    };
                     ctl_sources.push((name.clone(), SourceCounters::Syslog(src.stats.clone()))); // control
                     counters.push(crate::service::SourceCounter::Syslog(src.stats.clone()));
                     tasks.push(tokio::spawn(src.run(stop_sources.clone())));
@@ -273,32 +339,27 @@ impl Agent {
             heartbeat.clone(),
         ));
         let ship_stop = CancellationToken::new();
+        let _ship_stop_on_return = ship_stop.clone().drop_guard();
         let mut ctl_link = None; // control
         let mut upstream_status = None;
-        let shipper = match &cfg.upstream {
-            Some(up) => {
-                let shipper = Shipper::with_lanes(
-                    up.clone(),
-                    vec![
-                        Lane {
-                            stream: PRIORITY_STREAM.to_string(),
-                            spool: priority.clone(),
-                        },
-                        Lane {
-                            stream: LOG_STREAM.to_string(),
-                            spool: spool.clone(),
-                        },
-                    ],
-                )?;
+        let mut tls = None;
+        let shipper = match shipper {
+            Some(shipper) => {
                 ctl_link = Some(shipper.status()); // control
                 upstream_status = Some(shipper.status()); // service: STATUS=
-                let tls = shipper.tls();
-                spawn_reload_on_hup(tls, shutdown.clone());
+                tls = Some(shipper.tls());
                 let st = ship_stop.clone();
                 Some(tokio::spawn(async move { shipper.run(st).await }))
             }
             None => None,
         };
+        if on_started.is_none() {
+            // service: registered before READY=1, so an early SIGHUP cannot kill the agent.
+            match &tls {
+                Some(tls) => spawn_reload_on_hup(tls.clone(), shutdown.clone()),
+                None => crate::service::spawn_idle_reload(shutdown.clone()),
+            }
+        }
         let outbox = Outbox {
             sent: Default::default(),
             state_dir: cfg.state_dir.clone(),
@@ -364,12 +425,13 @@ impl Agent {
             }
             None => None,
         };
-        if let Some(addr) = cfg.metrics.listen {
-            // metrics: Prometheus endpoint over the same handles (see crate::metrics).
+        // metrics: Prometheus endpoint over the same handles (see crate::metrics).
+        let metrics_task = metrics_listener.map(|l| {
             let figures = crate::metrics::Figures::Agent(ctl.clone()); // metrics
-            crate::metrics::start(addr, figures, shutdown.clone()).await?; // metrics
-        }
-        crate::control::spawn(cfg.control_socket.clone(), Arc::new(ctl), shutdown.clone());
+            tokio::spawn(crate::metrics::run(l, figures, shutdown.clone())) // metrics
+        });
+        let control_task =
+            crate::control::spawn(cfg.control_socket.clone(), Arc::new(ctl), shutdown.clone());
         tracing::info!(
             "agent {:?} started: {} source(s), state in {}",
             cfg.id,
@@ -383,6 +445,9 @@ impl Agent {
             upstream: upstream_status,
         };
         crate::service::agent_started(figures, heartbeat, shutdown.clone());
+        if let Some(on_started) = on_started {
+            let _ = on_started.send(Started { tls });
+        }
         let mut writer = writer;
         let failed = tokio::select! {
             _ = shutdown.cancelled() => None,
@@ -402,7 +467,11 @@ impl Agent {
             tracing::error!("pipeline failed: {err:#}");
             return Err(err.context("the agent's pipeline failed"));
         }
-        crate::service::stopping(); // service: STOPPING=1
+        // service: STOPPING=1, unless this generation ends for a reload (systemd would
+        // take STOPPING=1 for the service stopping).
+        if process.as_ref().is_none_or(|p| p.is_cancelled()) {
+            crate::service::stopping();
+        }
         tracing::info!("stopping: sealing and spooling what the sources hold");
         stop_sources.cancel();
         tokio::task::spawn_blocking(move || {
@@ -425,6 +494,11 @@ impl Agent {
         }
         if let Some(s) = shipper {
             s.await??;
+        }
+        // The next generation (a reload) binds the same socket path and port.
+        let _ = control_task.await;
+        if let Some(m) = metrics_task {
+            let _ = m.await;
         }
         tracing::info!("stopped cleanly");
         Ok(())
@@ -469,6 +543,9 @@ async fn write_stage(
     let mut last_store = Instant::now();
     let mut dirty = false;
     let mut full_logged = false;
+    // A spool hovering at its limit fills and drains every few batches: say so once a
+    // minute, not at each turn.
+    let warn = crate::util::LogLimiter::default();
     let mut acked = spool.watch_acked();
     loop {
         // service: beat for the watchdog at least every second, also when idle.
@@ -499,10 +576,12 @@ async fn write_stage(
                     dirty = false;
                 }
                 if !full_logged {
-                    tracing::warn!(
-                        "spool is full ({} bytes): sources are paused until the upstream acknowledges batches",
-                        spool.stats().bytes
-                    );
+                    if let Some(repeated) = warn.check("full") {
+                        tracing::warn!(
+                            "spool is full ({} bytes): sources are paused until the upstream acknowledges batches{repeated}",
+                            spool.stats().bytes
+                        );
+                    }
                     full_logged = true;
                 }
                 heartbeat.beat(); // service: a full spool is waiting, not stuck
@@ -518,7 +597,9 @@ async fn write_stage(
                 }
             }
             if full_logged {
-                tracing::info!("spool has room again: sources resume");
+                if let Some(repeated) = warn.check("room") {
+                    tracing::info!("spool has room again: sources resume{repeated}");
+                }
                 full_logged = false;
             }
             let sp = spool.clone();

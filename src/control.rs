@@ -180,12 +180,18 @@ pub async fn serve(
 
 /// [`serve`] on a task; a failure is logged, not fatal (collecting logs matters more
 /// than being able to show their status).
-pub fn spawn(path: PathBuf, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
+/// The task ends once the socket is closed and removed, so awaiting it lets a successor
+/// (the agent's next generation after a reload) bind the same path.
+pub fn spawn(
+    path: PathBuf,
+    handler: Arc<dyn Handler>,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if let Err(e) = serve(&path, handler, shutdown).await {
             tracing::error!("control socket disabled (`soclink status` will not work): {e:#}");
         }
-    });
+    })
 }
 
 /// Create the socket: parent directory, stale-file removal, bind, mode, group.

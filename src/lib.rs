@@ -9,6 +9,7 @@
 //! - [`sources`]: where events come from (files today).
 //! - [`spool`]: the durable, segmented on-disk queue; the one durability boundary.
 //! - [`agent`]: wires sources → batcher → spool → shipper together.
+//! - [`reload`]: `soclink agent` as generations: SIGHUP applies a changed config.
 //! - [`protocol`]: the wire frames between agent and relay, with hard limits.
 //! - [`tls`]: rustls configurations from PEM files; identity from certificates.
 //! - [`certs`]: throwaway development certificates (`soclink certs dev`).
@@ -34,6 +35,7 @@ pub mod intel;
 pub mod metrics;
 pub mod protocol;
 pub mod relay;
+pub mod reload;
 pub mod service;
 pub mod ship;
 pub mod sources;

@@ -235,10 +235,9 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             };
             let rt = runtime()?;
             rt.block_on(async {
-                let agent = soclink::agent::Agent::open(cfg)?;
                 let shutdown = CancellationToken::new();
                 spawn_signal_handler(shutdown.clone());
-                agent.run(shutdown).await
+                soclink::reload::run_agent(&config, cfg, shutdown).await
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -73,13 +73,21 @@ pub async fn start(
     figures: Figures,
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, MetricsError> {
+    let listener = bind(addr).await?;
+    let local = listener.local_addr().unwrap_or(addr);
+    tokio::spawn(run(listener, figures, shutdown));
+    Ok(local)
+}
+
+/// Bind `addr` for [`run`]: the agent binds before it starts anything, so a taken port
+/// fails a start (or a reload) before any source runs.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| MetricsError::Bind { addr, source })?;
     let local = listener.local_addr().unwrap_or(addr);
     tracing::info!("metrics: serving http://{local}/metrics");
-    tokio::spawn(run(listener, figures, shutdown));
-    Ok(local)
+    Ok(listener)
 }
 
 /// Serve scrapes on an already-bound `listener` until `shutdown`.

@@ -257,9 +257,6 @@ pub fn agent_started(figures: AgentFigures, hb: Heartbeat, shutdown: Cancellatio
         figures.sources.len(),
         upstream_text(up.as_ref(), SystemTime::now())
     ));
-    if figures.upstream.is_none() {
-        spawn_idle_reload(shutdown.clone());
-    }
     let total = |f: &AgentFigures| f.sources.iter().map(SourceCounter::events).sum::<u64>();
     // The baseline is taken before READY=1: lines read right after it count in the
     // first rate, however late the reporting task first runs.
@@ -294,8 +291,9 @@ pub fn agent_started(figures: AgentFigures, hb: Heartbeat, shutdown: Cancellatio
 }
 
 /// Without an upstream the agent has no certificates to reload, but SIGHUP's default
-/// action would kill it: `systemctl reload` must never stop log collection.
-fn spawn_idle_reload(shutdown: CancellationToken) {
+/// action would kill it: `systemctl reload` must never stop log collection. (For an agent
+/// run on its own, e.g. by the demo; `soclink agent` reloads its config, see crate::reload.)
+pub fn spawn_idle_reload(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     // Registered before READY=1 is sent, so a reload right after start is handled.
     let Ok(mut hup) = signal(SignalKind::hangup()) else {

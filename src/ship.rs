@@ -9,7 +9,9 @@
 //!   relay drops what it already has by sequence).
 //! - After a reconnect, the relay's `HelloAck` says where it is; the shipper resumes
 //!   after `max(local acked, relay's position)`.
-//! - Failures back off exponentially with jitter and are logged once per attempt.
+//! - Failures back off exponentially with jitter. The first failure is logged; the same
+//!   failure again is logged at most once a minute with a count (crate::util::LogLimiter),
+//!   a different one at once, and a working link resets that.
 
 use crate::util::lock;
 use std::collections::VecDeque;
@@ -118,6 +120,7 @@ impl Shipper {
     /// Ship until `shutdown`; reconnects forever.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let mut backoff = BACKOFF_MIN;
+        let warn = crate::util::LogLimiter::default();
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
@@ -130,6 +133,9 @@ impl Shipper {
             let msg = format!("{err:#}");
             {
                 let mut st = lock(&self.status);
+                if st.connected {
+                    warn.clear_all(); // the link worked: its next failure is news
+                }
                 if st.connected || st.down_since.is_none() {
                     st.down_since = Some(SystemTime::now());
                 }
@@ -142,11 +148,18 @@ impl Shipper {
             }
             let jitter = rand::rng().random_range(0.8..1.2);
             let wait = backoff.mul_f64(jitter);
-            tracing::warn!(
-                "upstream {}: {msg}; retrying in {:.1}s",
-                self.upstream.address,
-                wait.as_secs_f64()
-            );
+            match warn.check(&msg) {
+                Some(repeated) => tracing::warn!(
+                    "upstream {}: {msg}; retrying in {:.1}s{repeated}",
+                    self.upstream.address,
+                    wait.as_secs_f64()
+                ),
+                None => tracing::debug!(
+                    "upstream {}: {msg}; retrying in {:.1}s",
+                    self.upstream.address,
+                    wait.as_secs_f64()
+                ),
+            }
             backoff = (backoff * 2).min(BACKOFF_MAX);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}

@@ -1,5 +1,5 @@
 //! Small shared helpers: human-readable sizes and durations in the config, atomic file
-//! replacement, and directory fsync. Each helper exists because more than one durable
+//! replacement, directory fsync, and rate-limited warnings ([`LogLimiter`]). Each helper exists because more than one durable
 //! structure needs exactly the same rule.
 
 use std::fmt;
@@ -160,9 +160,145 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// How often a repeated warning is logged at most (see [`LogLimiter`]).
+pub const LOG_REPEAT_EVERY: Duration = Duration::from_secs(60);
+/// Most distinct keys a [`LogLimiter`] remembers (keys can be file paths).
+const LOG_LIMIT_KEYS: usize = 1024;
+
+/// Keeps a warning raised in a loop (upstream unreachable, a file unreadable at every
+/// rescan, the spool full) from flooding the journal: the first occurrence of a key is
+/// logged, later ones only once per interval, with how often it repeated meanwhile.
+///
+/// ```text
+/// 12:00:00 upstream relay:6514: connection refused; retrying in 0.2s
+/// (attempts at 12:00:00.2 .. 12:00:59 are counted, not logged)
+/// 12:01:05 upstream relay:6514: connection refused; retrying in 30s (repeated 9 times in the last 65s)
+/// ```
+pub struct LogLimiter {
+    every: Duration,
+    seen: std::sync::Mutex<std::collections::HashMap<String, Seen>>,
+}
+
+struct Seen {
+    logged: std::time::Instant,
+    suppressed: u64,
+}
+
+impl Default for LogLimiter {
+    fn default() -> Self {
+        LogLimiter::new(LOG_REPEAT_EVERY)
+    }
+}
+
+impl LogLimiter {
+    pub fn new(every: Duration) -> LogLimiter {
+        LogLimiter {
+            every,
+            seen: Default::default(),
+        }
+    }
+
+    /// An occurrence of `key`: `Some(suffix)` means log it now with `suffix` appended
+    /// (empty, or ` (repeated N times in the last Ts)`); `None` means it was counted.
+    pub fn check(&self, key: &str) -> Option<String> {
+        self.check_at(key, std::time::Instant::now())
+    }
+
+    /// [`LogLimiter::check`] at a given time (tests).
+    pub fn check_at(&self, key: &str, now: std::time::Instant) -> Option<String> {
+        let mut seen = lock(&self.seen);
+        if let Some(s) = seen.get_mut(key) {
+            let since = now.saturating_duration_since(s.logged);
+            if since < self.every {
+                s.suppressed += 1;
+                return None;
+            }
+            let n = s.suppressed;
+            *s = Seen {
+                logged: now,
+                suppressed: 0,
+            };
+            return Some(if n == 0 {
+                String::new()
+            } else {
+                format!(
+                    " (repeated {} times in the last {}s)",
+                    n + 1,
+                    since.as_secs()
+                )
+            });
+        }
+        if seen.len() >= LOG_LIMIT_KEYS {
+            // Keys past their interval would be logged anyway; forgetting them is free.
+            let every = self.every;
+            seen.retain(|_, s| now.saturating_duration_since(s.logged) < every);
+            if seen.len() >= LOG_LIMIT_KEYS {
+                seen.clear();
+            }
+        }
+        seen.insert(
+            key.to_string(),
+            Seen {
+                logged: now,
+                suppressed: 0,
+            },
+        );
+        Some(String::new())
+    }
+
+    /// The condition behind `key` ended: its next occurrence is news, logged at once.
+    pub fn clear(&self, key: &str) {
+        lock(&self.seen).remove(key);
+    }
+
+    /// [`LogLimiter::clear`] for every key (e.g. the upstream link came back).
+    pub fn clear_all(&self) {
+        lock(&self.seen).clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_limiter_logs_first_then_one_summary_per_interval() {
+        let lim = LogLimiter::new(Duration::from_secs(60));
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(lim.check_at("refused", at(0)).as_deref(), Some(""));
+        // Another key is independent.
+        assert_eq!(lim.check_at("full", at(1)).as_deref(), Some(""));
+        for s in 1..60 {
+            assert_eq!(lim.check_at("refused", at(s)), None, "at {s}s");
+        }
+        assert_eq!(
+            lim.check_at("refused", at(65)).as_deref(),
+            Some(" (repeated 60 times in the last 65s)")
+        );
+        assert_eq!(lim.check_at("refused", at(70)), None);
+        // The next report covers the one at 70s; after a quiet interval, a plain line.
+        assert_eq!(
+            lim.check_at("refused", at(200)).as_deref(),
+            Some(" (repeated 2 times in the last 135s)")
+        );
+        assert_eq!(lim.check_at("refused", at(300)).as_deref(), Some(""));
+        // Cleared: the next occurrence is logged at once.
+        lim.clear("refused");
+        assert_eq!(lim.check_at("refused", at(301)).as_deref(), Some(""));
+        lim.clear_all();
+        assert_eq!(lim.check_at("full", at(302)).as_deref(), Some(""));
+    }
+
+    #[test]
+    fn log_limiter_memory_is_bounded() {
+        let lim = LogLimiter::new(Duration::from_secs(60));
+        let t0 = std::time::Instant::now();
+        for i in 0..10 * LOG_LIMIT_KEYS {
+            assert!(lim.check_at(&format!("/var/log/{i}.log"), t0).is_some());
+        }
+        assert!(lock(&lim.seen).len() <= LOG_LIMIT_KEYS);
+    }
 
     #[test]
     fn sizes() {

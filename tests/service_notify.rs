@@ -240,6 +240,39 @@ fn agent_notifies_ready_watchdog_status_reload_stopping() {
     });
     assert_eq!(n.count("READY=1"), readies + 1);
 
+    // A changed config replaces the running agent inside the process: RELOADING=1, then
+    // READY=1, and never STOPPING=1 (systemd would take the service for stopping).
+    let other = dir.join("other.log");
+    std::fs::write(&other, "").unwrap();
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    let changed = format!("{text}\n{}", file_source("other", &[&other], ""));
+    for (what, config) in [
+        ("a changed config", changed),
+        ("an invalid config", "[[source]\n".into()),
+    ] {
+        std::fs::write(&agent.config, config).unwrap();
+        let readies = n.count("READY=1");
+        signal(&child, "-HUP");
+        n.wait(Duration::from_secs(5), "RELOADING=1", |m| {
+            m == "RELOADING=1"
+        });
+        n.wait(Duration::from_secs(10), "READY=1 after the reload", |m| {
+            m == "READY=1"
+        });
+        assert_eq!(n.count("READY=1"), readies + 1, "{what}");
+        assert_eq!(
+            n.count("STOPPING=1"),
+            0,
+            "STOPPING=1 during the reload of {what}"
+        );
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("SIGHUP: applying the new config (sources added: \"other\")")
+            && text.contains("SIGHUP: keeping the running config"),
+        "{text}"
+    );
+
     signal(&child, "-TERM");
     n.wait(Duration::from_secs(10), "STOPPING=1", |m| m == "STOPPING=1");
     wait_exit(child, &log);

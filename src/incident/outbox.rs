@@ -67,11 +67,18 @@ pub struct Outbox {
 impl Outbox {
     pub async fn run(self, shutdown: CancellationToken) {
         let me = std::sync::Arc::new(self);
+        // A pass runs every second: a lasting problem is warned about once a minute.
+        let warn = std::sync::Arc::new(crate::util::LogLimiter::default());
         loop {
-            let m = me.clone();
-            match tokio::task::spawn_blocking(move || m.scan()).await {
+            let (m, w) = (me.clone(), warn.clone());
+            match tokio::task::spawn_blocking(move || m.scan_warning(&w)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!("incident outbox: {e:#}"),
+                Ok(Err(e)) => {
+                    let msg = format!("incident outbox: {e:#}");
+                    if let Some(repeated) = warn.check(&msg) {
+                        tracing::warn!("{msg}{repeated}");
+                    }
+                }
                 Err(e) => tracing::error!("incident outbox task failed: {e}"),
             }
             tokio::select! {
@@ -83,6 +90,11 @@ impl Outbox {
 
     /// One pass over every incident.
     pub fn scan(&self) -> Result<()> {
+        self.scan_warning(&crate::util::LogLimiter::default())
+    }
+
+    /// [`Outbox::scan`], warning about an incident through `warn`.
+    fn scan_warning(&self, warn: &crate::util::LogLimiter) -> Result<()> {
         let dir = self.state_dir.join("incidents");
         if !dir.is_dir() {
             return Ok(());
@@ -90,7 +102,10 @@ impl Outbox {
         let store = IncidentStore::open(&self.state_dir)?;
         for inc in store.list()? {
             if let Err(e) = self.one(&store, inc) {
-                tracing::warn!("incident outbox: {e:#}");
+                let msg = format!("incident outbox: {e:#}");
+                if let Some(repeated) = warn.check(&msg) {
+                    tracing::warn!("{msg}{repeated}");
+                }
             }
         }
         Ok(())

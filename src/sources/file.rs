@@ -154,6 +154,9 @@ pub struct FileSource {
     /// Checkpointed positions not yet matched to a file (startup only).
     known: HashMap<Key, FilePos>,
     first_scan: bool,
+    /// A file that cannot be opened or read fails again at every rescan: warn once a
+    /// minute per file, not every few hundred milliseconds.
+    warn: crate::util::LogLimiter,
 }
 
 impl FileSource {
@@ -190,6 +193,7 @@ impl FileSource {
                 .map(|p| ((p.dev, p.ino), p))
                 .collect(),
             first_scan: true,
+            warn: crate::util::LogLimiter::default(),
         }
     }
 
@@ -356,14 +360,18 @@ impl FileSource {
     }
 
     fn open_new(&mut self, path: &Path, key: Key, len: u64) {
+        let key_open = format!("open {}", path.display());
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(source = %self.name, path = %path.display(), "cannot open: {e}");
+                if let Some(repeated) = self.warn.check(&key_open) {
+                    tracing::warn!(source = %self.name, path = %path.display(), "cannot open: {e}{repeated}");
+                }
                 return;
             }
         };
+        self.warn.clear(&key_open);
         self.open_with(path, key, len, file);
     }
 
@@ -575,7 +583,9 @@ impl FileSource {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(source = %self.name, path = %t.path, "read error: {e}");
+                    if let Some(repeated) = self.warn.check(&format!("read {}", t.path)) {
+                        tracing::warn!(source = %self.name, path = %t.path, "read error: {e}{repeated}");
+                    }
                     break;
                 }
             };

@@ -177,6 +177,8 @@ impl JournaldSource {
             return;
         };
         self.position(&mut j);
+        // A journal that keeps failing fails every WAIT: warn once a minute, not each time.
+        let warn = crate::util::LogLimiter::default();
         while self.alive && !self.stop.is_cancelled() {
             let mut read = 0;
             let mut failed = false;
@@ -189,7 +191,9 @@ impl JournaldSource {
                     }
                     Err(e) => {
                         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(source = %self.name, "cannot read the next journal entry: {e}");
+                        if let Some(repeated) = warn.check("next") {
+                            tracing::warn!(source = %self.name, "cannot read the next journal entry: {e}{repeated}");
+                        }
                         failed = true;
                         break;
                     }
@@ -205,7 +209,9 @@ impl JournaldSource {
                 // files added to (or removed from) the directory.
                 if let Err(e) = j.wait(Some(self.next_wait())) {
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(source = %self.name, "waiting for the journal failed: {e}");
+                    if let Some(repeated) = warn.check("wait") {
+                        tracing::warn!(source = %self.name, "waiting for the journal failed: {e}{repeated}");
+                    }
                     self.sleep(WAIT);
                 }
             }
