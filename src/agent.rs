@@ -83,6 +83,7 @@ pub struct Agent {
     /// Incident records, reports and evidence bundles: shipped before routine logs.
     priority: Spool,
     checkpoints: Checkpoints,
+    recovery: crate::status::RecoveryStatus,
     _lock: File,
 }
 
@@ -152,12 +153,25 @@ impl Agent {
         for m in &precovery.messages {
             tracing::warn!("priority spool recovery: {m}");
         }
+        let mut report = crate::status::RecoveryStatus::default();
+        for r in [&recovery, &precovery] {
+            report.torn_bytes += r.truncated_bytes;
+            report.corrupt_records += r.corrupt_records;
+            report.quarantined.extend(r.quarantined.iter().map(|p| {
+                p.strip_prefix(&cfg.state_dir)
+                    .unwrap_or(p)
+                    .display()
+                    .to_string()
+            }));
+        }
         let ck_path = Checkpoints::path(&cfg.state_dir);
         let mut checkpoints = match Checkpoints::load(&ck_path) {
             Ok(c) => c,
             Err(e) => {
                 let aside = ck_path.with_extension("json.corrupt");
                 let _ = std::fs::rename(&ck_path, &aside);
+                report.checkpoint_reset = Some(e.to_string());
+                report.quarantined.push("checkpoints.json.corrupt".into());
                 tracing::error!(
                     "{e}; moved it to {} and starting without checkpoints (files are read again per start_at; the relay drops nothing it already has only if sequences match, so expect duplicates of recent lines)",
                     aside.display()
@@ -176,6 +190,7 @@ impl Agent {
             spool,
             priority,
             checkpoints,
+            recovery: report,
             _lock: lock,
         })
     }
@@ -209,6 +224,7 @@ impl Agent {
             spool,
             priority,
             checkpoints,
+            recovery,
             _lock,
         } = self;
         let started = Instant::now(); // control: uptime
@@ -376,6 +392,7 @@ impl Agent {
             .map(|u| u.address.clone())
             .zip(ctl_link);
         let mut ctl = AgentHandles::new(&cfg, ctl_sources, spool.clone(), ctl_up, started);
+        ctl.recovery = Arc::new(recovery);
         // intel: the periodic upload task and its include-file tailer (see crate::intel).
         let intel_task = match &cfg.intel {
             Some(settings) => {

@@ -640,6 +640,7 @@ mod tests {
                 reconnects: 4,
             }),
             intel: None,
+            recovery: Default::default(),
         };
         let t = encode_agent(&st).unwrap();
         for want in [

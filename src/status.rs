@@ -53,9 +53,32 @@ pub struct AgentStatus {
     pub spool: SpoolStatus,
     /// `null` when the agent has no `[upstream]` (it only spools).
     pub upstream: Option<LinkStatus>,
+    /// What the agent repaired or set aside when it opened its state at start.
+    #[serde(default)]
+    pub recovery: RecoveryStatus,
     /// Absent when `[intel]` is not configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intel: Option<Box<crate::intel::collector::IntelStatus>>,
+}
+
+/// Damage found and handled when the agent opened its state directory (the last start
+/// or reload): every item was detected, set aside or cut, and logged once.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryStatus {
+    /// Bytes of an incomplete last record cut off the spools (a crash mid-write).
+    pub torn_bytes: u64,
+    /// Damaged records skipped inside spool segments.
+    pub corrupt_records: u64,
+    /// Files moved aside (renamed `*.corrupt`), relative to the state directory.
+    pub quarantined: Vec<String>,
+    /// Set when the checkpoint file was unreadable and moved aside: why.
+    pub checkpoint_reset: Option<String>,
+}
+
+impl RecoveryStatus {
+    pub fn is_clean(&self) -> bool {
+        *self == RecoveryStatus::default()
+    }
 }
 
 /// One source's counters since the agent started. Fields a source type does not have
@@ -199,6 +222,7 @@ pub struct AgentHandles {
     pub started: Instant,
     /// The intel task, when `[intel]` is configured.
     pub intel: Option<crate::intel::collector::IntelHandle>,
+    pub recovery: Arc<RecoveryStatus>,
 }
 
 /// What a running relay shares with the control socket.
@@ -232,6 +256,7 @@ impl AgentHandles {
             upstream: upstream.map(|(address, status)| LinkHandle { address, status }),
             started,
             intel: None,
+            recovery: Arc::default(),
         }
     }
 }
@@ -360,6 +385,7 @@ impl AgentHandles {
                 .collect(),
             spool: spool_status(&self.spool, self.spool_max_bytes),
             upstream: self.upstream.as_ref().map(LinkHandle::snapshot),
+            recovery: (*self.recovery).clone(),
             intel: self
                 .intel
                 .as_ref()
@@ -689,6 +715,20 @@ pub fn render_agent(s: &AgentStatus) -> String {
     if let Some(i) = &s.intel {
         render_intel(&mut out, i);
     }
+    if !s.recovery.is_clean() {
+        let r = &s.recovery;
+        out.push_str("\nRECOVERY AT START (damage found, handled, logged)\n");
+        out.push_str(&format!(
+            "  spool       {} torn byte(s) cut, {} corrupt record(s) skipped\n",
+            r.torn_bytes, r.corrupt_records
+        ));
+        for q in &r.quarantined {
+            out.push_str(&format!("  set aside   {q}\n"));
+        }
+        if let Some(why) = &r.checkpoint_reset {
+            out.push_str(&format!("  checkpoints reset: {why}\n"));
+        }
+    }
     out
 }
 
@@ -1007,6 +1047,7 @@ mod tests {
                 reconnects: 4,
             }),
             intel: None,
+            recovery: Default::default(),
         };
         let text = render_agent(&st);
         assert!(
