@@ -10,6 +10,8 @@
 //! - After a reconnect, the relay's `HelloAck` says where it is; the shipper resumes
 //!   after `max(local acked, relay's position)`.
 //! - Failures back off exponentially with jitter and are logged once per attempt.
+//! - With batches in flight, a link that answers nothing for `ACK_TIMEOUT` (or takes
+//!   no bytes for as long) is dead, e.g. half-open: it is given up and redialled.
 
 use crate::util::lock;
 use std::collections::VecDeque;
@@ -39,6 +41,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// With nothing received for this long, ping; twice this long, give the link up.
 const KEEPALIVE: Duration = Duration::from_secs(30);
+/// With batches in flight, silence this long means a dead link (a half-open TCP
+/// connection swallows what we send and never answers): give it up and reconnect.
+/// Also bounds a single frame write, so a peer that stopped reading cannot hang us.
+const ACK_TIMEOUT: Duration = Duration::from_secs(15);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -263,8 +269,14 @@ impl Shipper {
         let mut inflight_count = 0usize;
         let mut inflight_bytes = 0u64;
         let mut last_rx = Instant::now();
+        // When the window last went from empty to busy: an ack is due from then on.
+        let mut busy_since = Instant::now();
         let mut pinged = false;
         let mut draining: Option<Instant> = None;
+        // One interval for the whole session: a sleep made anew per loop turn would be
+        // reset by every wake-up, and a steady writer would keep the checks from running.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Fill the window from the lanes, first lane first.
             'fill: for (lane, state) in self.lanes.iter().zip(states.iter_mut()) {
@@ -288,7 +300,19 @@ impl Shipper {
                         header: BatchHeader::from_meta(&lane.stream, rec.seq, &meta),
                         gzip: Bytes::from(rec.payload),
                     });
-                    protocol::write_frame(&mut wr, &frame).await?;
+                    tokio::time::timeout(ACK_TIMEOUT, protocol::write_frame(&mut wr, &frame))
+                        .await
+                        .map_err(|_| {
+                            anyhow!(
+                                "the relay took no data for {}s (sending batch {}#{})",
+                                ACK_TIMEOUT.as_secs(),
+                                lane.stream,
+                                rec.seq
+                            )
+                        })??;
+                    if inflight_count == 0 {
+                        busy_since = Instant::now();
+                    }
                     state.inflight.push_back((rec.seq, size));
                     inflight_count += 1;
                     inflight_bytes += size;
@@ -302,7 +326,6 @@ impl Shipper {
                 let _ = wr.shutdown().await;
                 return Ok(());
             }
-            let tick = tokio::time::sleep(Duration::from_secs(1));
             tokio::select! {
                 f = frx.recv() => {
                     let f = match f {
@@ -343,8 +366,12 @@ impl Shipper {
                     }
                 }
                 _ = wake_rx.recv() => {}
-                _ = tick => {
+                _ = tick.tick() => {
                     let quiet = last_rx.elapsed();
+                    let waited = last_rx.max(busy_since).elapsed();
+                    if inflight_count > 0 && waited > ACK_TIMEOUT {
+                        bail!("no acknowledgement from the relay for {}s with {inflight_count} batches in flight", waited.as_secs());
+                    }
                     if quiet > KEEPALIVE * 2 {
                         bail!("no answer from the relay for {}s", quiet.as_secs());
                     }
