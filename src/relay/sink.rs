@@ -20,6 +20,11 @@ use crate::spool::Spool;
 const GROUP_MAX: usize = 512;
 /// Most gzip bytes in one group commit.
 const GROUP_BYTES: usize = 64 << 20;
+/// After a batch could not be stored (e.g. the disk is full), later batches of its
+/// stream are refused rather than stored across the gap, for this long: the sender
+/// still has the missing one and resends it after the refusal. Storing them would move
+/// the stream's position past it, and the sender would then drop it as acknowledged.
+const REFUSE_GAP_AFTER_FAILURE: Duration = Duration::from_secs(600);
 
 /// A verified batch on its way to durable storage.
 pub struct WriteReq {
@@ -150,6 +155,9 @@ fn store_writer(
     store: Arc<Mutex<Store>>,
     store_dir: std::path::PathBuf,
 ) {
+    // (agent, stream) -> when a batch of it last failed to be stored.
+    let mut failed: std::collections::HashMap<(String, String), std::time::Instant> =
+        Default::default();
     while let Some(group) = gather(&mut rx) {
         let mut st = lock(&store);
         let mut results: Vec<(oneshot::Sender<WriteResult>, WriteResult)> = Vec::new();
@@ -159,8 +167,14 @@ fn store_writer(
                 results.push((r.reply, res));
                 continue;
             }
+            let key = (r.agent.clone(), r.stream.clone());
             let mut out = st.append(&r.agent, &r.stream, r.seq, &r.source, &r.day, &r.gzip);
-            if let Ok(AppendOutcome::Gap { expected }) = out {
+            let after_failure = failed
+                .get(&key)
+                .is_some_and(|t| t.elapsed() < REFUSE_GAP_AFTER_FAILURE);
+            if let Ok(AppendOutcome::Gap { expected }) = out
+                && !after_failure
+            {
                 // The batches in between can never come (the sender's spool lost them,
                 // or this store never saw the stream): say so loudly, keep going.
                 if expected == 1 {
@@ -171,17 +185,33 @@ fn store_writer(
                 out =
                     st.append_accepting_gap(&r.agent, &r.stream, r.seq, &r.source, &r.day, &r.gzip);
             }
-            let res = match out {
+            let res = match &out {
                 Ok(AppendOutcome::Appended) => Ok(Stored::Appended),
                 Ok(AppendOutcome::Duplicate) => Ok(Stored::Duplicate),
                 Ok(AppendOutcome::Gap { expected }) => Err(format!(
-                    "batch {}#{} of {:?} skips ahead: the relay expected #{expected}",
-                    r.stream, r.seq, r.agent
+                    "batch {}#{} of {:?} skips ahead: the relay expected #{expected}{}",
+                    r.stream,
+                    r.seq,
+                    r.agent,
+                    if after_failure {
+                        ", which it could not store: send that one again first"
+                    } else {
+                        ""
+                    }
                 )),
                 Err(e) => Err(format!("cannot store batch {}#{}: {e}", r.stream, r.seq)),
             };
-            if let Err(e) = &res {
-                tracing::warn!(agent = %r.agent, "{e}");
+            match &res {
+                Err(e) => {
+                    tracing::warn!(agent = %r.agent, "{e}");
+                    if !matches!(out, Ok(AppendOutcome::Gap { .. })) {
+                        failed.insert(key, std::time::Instant::now());
+                    }
+                }
+                Ok(Stored::Appended) => {
+                    failed.remove(&key);
+                }
+                Ok(Stored::Duplicate) => {}
             }
             results.push((r.reply, res));
         }
