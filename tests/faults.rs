@@ -154,7 +154,12 @@ impl Rig {
             eprintln!("agent log:\n{log}");
         }
         assert_exactly_once(&evs, &expected);
-        let _ = (&self.dir, &self.mounts);
+        let _ = &self.mounts;
+        if std::env::var_os("SOCLINK_KEEP").is_some() {
+            // Logs and stores for a post-mortem (mounts are still unmounted).
+            eprintln!("{}: kept {}", self.id, self.dir.path().display());
+            std::mem::forget(self.dir);
+        }
     }
 }
 
