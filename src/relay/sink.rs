@@ -284,7 +284,8 @@ fn spool_writer(mut rx: mpsc::Receiver<WriteReq>, spool: Spool, stop: Arc<Atomic
         full_logged = false;
         let mut appended = Vec::new();
         let mut failed = None;
-        for r in group {
+        let mut group = group.into_iter();
+        while let Some(r) = group.next() {
             let meta = BatchMeta {
                 source: r.source.clone(),
                 day: r.day.clone(),
@@ -298,9 +299,27 @@ fn spool_writer(mut rx: mpsc::Receiver<WriteReq>, spool: Spool, stop: Arc<Atomic
                 item: r.meta.item.clone(),
                 cursor: None,
             };
-            let res = serde_json::to_vec(&meta)
-                .map_err(|e| e.to_string())
-                .and_then(|m| spool.append(&m, &r.gzip).map_err(|e| e.to_string()));
+            let res = match serde_json::to_vec(&meta) {
+                Err(e) => Err(e.to_string()),
+                Ok(m) => match spool.append(&m, &r.gzip) {
+                    Ok(seq) => Ok(seq),
+                    Err(e @ crate::spool::SpoolError::NoSpace { .. }) => {
+                        // The spool discarded this group's appends. Forwarding later
+                        // batches would put gaps before the top relay, so stop as for
+                        // any other disk failure: nothing of the group is acknowledged.
+                        tracing::error!(
+                            "forwarding spool: {e}; nothing of this group is acknowledged"
+                        );
+                        let why = format!("cannot spool the batch: {e}");
+                        let rest = group.by_ref().map(|r| r.reply);
+                        for reply in appended.drain(..).chain([r.reply]).chain(rest) {
+                            let _ = reply.send(Err(why.clone()));
+                        }
+                        return; // see store_writer: a restart recovers
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+            };
             match res {
                 Ok(_) => appended.push(r.reply),
                 Err(e) => {
