@@ -47,8 +47,19 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Most batches appended before one fsync (group commit).
 const GROUP_MAX: usize = 32;
 
-/// Batches appended (with their seqs), and the ones left over when the spool filled up.
-type Appended = (Vec<(u64, BatchMeta)>, Vec<Compressed>);
+/// How often appending is retried while the spool's disk is full.
+const NO_SPACE_RETRY: Duration = Duration::from_secs(1);
+
+/// What appending one group of batches did.
+enum Appended {
+    /// `done` is durable (with seqs); `rest` did not fit under `max_size` (spool full).
+    Committed {
+        done: Vec<(u64, BatchMeta)>,
+        rest: Vec<Compressed>,
+    },
+    /// The disk is full: the spool discarded everything of the group; here it is back.
+    NoSpace { group: Vec<Compressed>, why: String },
+}
 
 /// A batch after compression, waiting to be appended.
 struct Compressed {
@@ -563,6 +574,7 @@ async fn write_stage(
     // A spool hovering at its limit fills and drains every few batches: say so once a
     // minute, not at each turn.
     let warn = crate::util::LogLimiter::default();
+    let mut no_space_logged = false;
     let mut acked = spool.watch_acked();
     loop {
         // service: beat for the watchdog at least every second, also when idle.
@@ -588,9 +600,8 @@ async fn write_stage(
                 // Acknowledged segments are deleted only once the checkpoint file covers
                 // them: write it now, or a full spool would wait for itself.
                 if dirty {
-                    store_checkpoints(&spool, &checkpoints, &ck_path).await?;
+                    dirty = !store_checkpoints(&spool, &checkpoints, &ck_path).await?;
                     last_store = Instant::now();
-                    dirty = false;
                 }
                 if !full_logged {
                     if let Some(repeated) = warn.check("full") {
@@ -608,7 +619,7 @@ async fn write_stage(
                     _ = shutdown.cancelled() => {
                         // Unspooled batches are dropped: their positions never advanced,
                         // so the sources read those lines again after the restart.
-                        store_checkpoints(&spool, &checkpoints, &ck_path).await?;
+                        let _ = store_checkpoints(&spool, &checkpoints, &ck_path).await?;
                         return Ok(());
                     }
                 }
@@ -620,38 +631,83 @@ async fn write_stage(
                 full_logged = false;
             }
             let sp = spool.clone();
-            let (appended, rest) = tokio::task::spawn_blocking(move || -> Result<Appended> {
-                let mut appended = Vec::with_capacity(group.len());
-                let mut items = group.into_iter();
-                for c in items.by_ref() {
-                    let meta = serde_json::to_vec(&c.meta)?;
-                    match sp.append(&meta, &c.gzip) {
-                        Ok(seq) => appended.push((seq, c.meta)),
-                        Err(crate::spool::SpoolError::Full { .. }) => {
-                            let mut rest = vec![c];
-                            rest.extend(items);
-                            sp.commit()?;
-                            return Ok((appended, rest));
+            match tokio::task::spawn_blocking(move || append_group(&sp, group)).await?? {
+                Appended::Committed { done, rest } => {
+                    if no_space_logged {
+                        tracing::info!("the spool's disk has room again: sources resume");
+                        no_space_logged = false;
+                    }
+                    dirty |= !done.is_empty();
+                    apply_done(&mut checkpoints, done);
+                    group = rest;
+                }
+                Appended::NoSpace { group: back, why } => {
+                    // Like a full spool: sources wait (their files are their buffer) and
+                    // nothing moves past what is durable. Freed space is noticed within
+                    // a second; acks may free it too, so only the first time is logged.
+                    if !no_space_logged {
+                        tracing::error!(
+                            "{why}: the pipeline is paused, sources wait; retrying every {}s until there is room",
+                            NO_SPACE_RETRY.as_secs()
+                        );
+                        no_space_logged = true;
+                    }
+                    group = back;
+                    heartbeat.beat(); // service: waiting for space, not stuck
+                    tokio::select! {
+                        _ = tokio::time::sleep(NO_SPACE_RETRY) => {}
+                        _ = shutdown.cancelled() => {
+                            // As for a full spool: unspooled batches are read again.
+                            let _ = store_checkpoints(&spool, &checkpoints, &ck_path).await?;
+                            return Ok(());
                         }
-                        Err(e) => return Err(e.into()),
                     }
                 }
-                sp.commit()?;
-                Ok((appended, Vec::new()))
-            })
-            .await??;
-            dirty |= !appended.is_empty();
-            apply_done(&mut checkpoints, appended);
-            group = rest;
+            }
         }
         if dirty && last_store.elapsed() >= CHECKPOINT_EVERY {
-            store_checkpoints(&spool, &checkpoints, &ck_path).await?;
+            dirty = !store_checkpoints(&spool, &checkpoints, &ck_path).await?;
             last_store = Instant::now();
-            dirty = false;
         }
     }
-    store_checkpoints(&spool, &checkpoints, &ck_path).await?;
+    let _ = store_checkpoints(&spool, &checkpoints, &ck_path).await?;
     Ok(())
+}
+
+/// Append a group and commit it. A full disk hands the whole group back (the spool
+/// discarded whatever of it was appended); any other spool error is fatal.
+fn append_group(sp: &Spool, group: Vec<Compressed>) -> Result<Appended> {
+    use crate::spool::SpoolError;
+    let mut done = Vec::with_capacity(group.len());
+    let mut full_at = None;
+    for (i, c) in group.iter().enumerate() {
+        let meta = serde_json::to_vec(&c.meta)?;
+        match sp.append(&meta, &c.gzip) {
+            Ok(seq) => done.push((seq, c.meta.clone())),
+            Err(SpoolError::Full { .. }) => {
+                full_at = Some(i);
+                break;
+            }
+            Err(e @ SpoolError::NoSpace { .. }) => {
+                let why = e.to_string();
+                return Ok(Appended::NoSpace { group, why });
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    match sp.commit() {
+        Ok(_) => {}
+        Err(e @ SpoolError::NoSpace { .. }) => {
+            let why = e.to_string();
+            return Ok(Appended::NoSpace { group, why });
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let rest = match full_at {
+        Some(i) => group.into_iter().skip(i).collect(),
+        None => Vec::new(),
+    };
+    Ok(Appended::Committed { done, rest })
 }
 
 fn apply_done(checkpoints: &mut Checkpoints, done: Vec<(u64, BatchMeta)>) {
@@ -663,17 +719,42 @@ fn apply_done(checkpoints: &mut Checkpoints, done: Vec<(u64, BatchMeta)>) {
     }
 }
 
-async fn store_checkpoints(spool: &Spool, ck: &Checkpoints, path: &Path) -> Result<()> {
+/// Write the checkpoint file, then record it in the spool; false if the disk was full.
+/// That is not fatal: the file may lag (the spool keeps what it does not cover, and
+/// open replays it).
+async fn store_checkpoints(spool: &Spool, ck: &Checkpoints, path: &Path) -> Result<bool> {
     let ck = ck.clone();
     let path = path.to_path_buf();
     let spool = spool.clone();
-    tokio::task::spawn_blocking(move || -> Result<()> {
+    let r = tokio::task::spawn_blocking(move || -> Result<()> {
         ck.store(&path)
             .with_context(|| format!("cannot write checkpoints {}", path.display()))?;
         spool.set_checkpointed(ck.spool_seq)?;
         Ok(())
     })
-    .await?
+    .await?;
+    match r {
+        Err(e) if is_disk_full(&e) => {
+            tracing::warn!("{e:#}; the checkpoint file lags until there is room");
+            Ok(false)
+        }
+        r => r.map(|()| true),
+    }
+}
+
+/// ENOSPC or EDQUOT anywhere in the chain.
+fn is_disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<crate::spool::SpoolError>(),
+            Some(crate::spool::SpoolError::NoSpace { .. })
+        ) || c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            )
+        })
+    })
 }
 
 /// Positions by source, for status and tests.

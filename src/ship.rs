@@ -12,6 +12,8 @@
 //! - Failures back off exponentially with jitter. The first failure is logged; the same
 //!   failure again is logged at most once a minute with a count (crate::util::LogLimiter),
 //!   a different one at once, and a working link resets that.
+//! - With batches in flight, a link that answers nothing for `ACK_TIMEOUT` (or takes
+//!   no bytes for as long) is dead, e.g. half-open: it is given up and redialled.
 
 use crate::util::lock;
 use std::collections::VecDeque;
@@ -41,6 +43,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// With nothing received for this long, ping; twice this long, give the link up.
 const KEEPALIVE: Duration = Duration::from_secs(30);
+/// With batches in flight, silence this long means a dead link (a half-open TCP
+/// connection swallows what we send and never answers): give it up and reconnect.
+/// Also bounds a single frame write, so a peer that stopped reading cannot hang us.
+const ACK_TIMEOUT: Duration = Duration::from_secs(15);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -276,8 +282,14 @@ impl Shipper {
         let mut inflight_count = 0usize;
         let mut inflight_bytes = 0u64;
         let mut last_rx = Instant::now();
+        // When the window last went from empty to busy: an ack is due from then on.
+        let mut busy_since = Instant::now();
         let mut pinged = false;
         let mut draining: Option<Instant> = None;
+        // One interval for the whole session: a sleep made anew per loop turn would be
+        // reset by every wake-up, and a steady writer would keep the checks from running.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Fill the window from the lanes, first lane first.
             'fill: for (lane, state) in self.lanes.iter().zip(states.iter_mut()) {
@@ -301,7 +313,19 @@ impl Shipper {
                         header: BatchHeader::from_meta(&lane.stream, rec.seq, &meta),
                         gzip: Bytes::from(rec.payload),
                     });
-                    protocol::write_frame(&mut wr, &frame).await?;
+                    tokio::time::timeout(ACK_TIMEOUT, protocol::write_frame(&mut wr, &frame))
+                        .await
+                        .map_err(|_| {
+                            anyhow!(
+                                "the relay took no data for {}s (sending batch {}#{})",
+                                ACK_TIMEOUT.as_secs(),
+                                lane.stream,
+                                rec.seq
+                            )
+                        })??;
+                    if inflight_count == 0 {
+                        busy_since = Instant::now();
+                    }
                     state.inflight.push_back((rec.seq, size));
                     inflight_count += 1;
                     inflight_bytes += size;
@@ -315,7 +339,6 @@ impl Shipper {
                 let _ = wr.shutdown().await;
                 return Ok(());
             }
-            let tick = tokio::time::sleep(Duration::from_secs(1));
             tokio::select! {
                 f = frx.recv() => {
                     let f = match f {
@@ -356,8 +379,12 @@ impl Shipper {
                     }
                 }
                 _ = wake_rx.recv() => {}
-                _ = tick => {
+                _ = tick.tick() => {
                     let quiet = last_rx.elapsed();
+                    let waited = last_rx.max(busy_since).elapsed();
+                    if inflight_count > 0 && waited > ACK_TIMEOUT {
+                        bail!("no acknowledgement from the relay for {}s with {inflight_count} batches in flight", waited.as_secs());
+                    }
                     if quiet > KEEPALIVE * 2 {
                         bail!("no answer from the relay for {}s", quiet.as_secs());
                     }

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -13,52 +11,6 @@ use common::*;
 use rand::{RngExt, SeedableRng};
 
 const T: Duration = Duration::from_secs(120);
-
-fn append(path: &std::path::Path, from: u64, to: u64, tag: &str) -> Vec<Vec<u8>> {
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    let mut buf = String::new();
-    let mut out = Vec::new();
-    for n in from..to {
-        let l = line(tag, n);
-        buf.push_str(&l);
-        buf.push('\n');
-        out.push(l.into_bytes());
-    }
-    f.write_all(buf.as_bytes()).unwrap();
-    out
-}
-
-fn seed() -> u64 {
-    let s = std::env::var("SOCLINK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("SOCLINK_SEED={s}");
-    s
-}
-
-/// A writer thread appending numbered lines until stopped; returns what it wrote.
-fn writer(
-    path: std::path::PathBuf,
-    tag: &'static str,
-    per_tick: u64,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
-    std::thread::spawn(move || {
-        let mut n = 0;
-        let mut all = Vec::new();
-        while !stop.load(Ordering::Relaxed) {
-            all.extend(append(&path, n, n + per_tick, tag));
-            n += per_tick;
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        all
-    })
-}
 
 #[test]
 fn a_million_lines_arrive_exactly_once() {

@@ -20,6 +20,11 @@ use crate::spool::Spool;
 const GROUP_MAX: usize = 512;
 /// Most gzip bytes in one group commit.
 const GROUP_BYTES: usize = 64 << 20;
+/// After a batch could not be stored (e.g. the disk is full), later batches of its
+/// stream are refused rather than stored across the gap, for this long: the sender
+/// still has the missing one and resends it after the refusal. Storing them would move
+/// the stream's position past it, and the sender would then drop it as acknowledged.
+const REFUSE_GAP_AFTER_FAILURE: Duration = Duration::from_secs(600);
 
 /// A verified batch on its way to durable storage.
 pub struct WriteReq {
@@ -150,6 +155,9 @@ fn store_writer(
     store: Arc<Mutex<Store>>,
     store_dir: std::path::PathBuf,
 ) {
+    // (agent, stream) -> when a batch of it last failed to be stored.
+    let mut failed: std::collections::HashMap<(String, String), std::time::Instant> =
+        Default::default();
     while let Some(group) = gather(&mut rx) {
         let mut st = lock(&store);
         let mut results: Vec<(oneshot::Sender<WriteResult>, WriteResult)> = Vec::new();
@@ -159,8 +167,14 @@ fn store_writer(
                 results.push((r.reply, res));
                 continue;
             }
+            let key = (r.agent.clone(), r.stream.clone());
             let mut out = st.append(&r.agent, &r.stream, r.seq, &r.source, &r.day, &r.gzip);
-            if let Ok(AppendOutcome::Gap { expected }) = out {
+            let after_failure = failed
+                .get(&key)
+                .is_some_and(|t| t.elapsed() < REFUSE_GAP_AFTER_FAILURE);
+            if let Ok(AppendOutcome::Gap { expected }) = out
+                && !after_failure
+            {
                 // The batches in between can never come (the sender's spool lost them,
                 // or this store never saw the stream): say so loudly, keep going.
                 if expected == 1 {
@@ -171,17 +185,33 @@ fn store_writer(
                 out =
                     st.append_accepting_gap(&r.agent, &r.stream, r.seq, &r.source, &r.day, &r.gzip);
             }
-            let res = match out {
+            let res = match &out {
                 Ok(AppendOutcome::Appended) => Ok(Stored::Appended),
                 Ok(AppendOutcome::Duplicate) => Ok(Stored::Duplicate),
                 Ok(AppendOutcome::Gap { expected }) => Err(format!(
-                    "batch {}#{} of {:?} skips ahead: the relay expected #{expected}",
-                    r.stream, r.seq, r.agent
+                    "batch {}#{} of {:?} skips ahead: the relay expected #{expected}{}",
+                    r.stream,
+                    r.seq,
+                    r.agent,
+                    if after_failure {
+                        ", which it could not store: send that one again first"
+                    } else {
+                        ""
+                    }
                 )),
                 Err(e) => Err(format!("cannot store batch {}#{}: {e}", r.stream, r.seq)),
             };
-            if let Err(e) = &res {
-                tracing::warn!(agent = %r.agent, "{e}");
+            match &res {
+                Err(e) => {
+                    tracing::warn!(agent = %r.agent, "{e}");
+                    if !matches!(out, Ok(AppendOutcome::Gap { .. })) {
+                        failed.insert(key, std::time::Instant::now());
+                    }
+                }
+                Ok(Stored::Appended) => {
+                    failed.remove(&key);
+                }
+                Ok(Stored::Duplicate) => {}
             }
             results.push((r.reply, res));
         }
@@ -268,7 +298,8 @@ fn spool_writer(mut rx: mpsc::Receiver<WriteReq>, spool: Spool, stop: Arc<Atomic
         full_logged = false;
         let mut appended = Vec::new();
         let mut failed = None;
-        for r in group {
+        let mut group = group.into_iter();
+        while let Some(r) = group.next() {
             let meta = BatchMeta {
                 source: r.source.clone(),
                 day: r.day.clone(),
@@ -282,9 +313,27 @@ fn spool_writer(mut rx: mpsc::Receiver<WriteReq>, spool: Spool, stop: Arc<Atomic
                 item: r.meta.item.clone(),
                 cursor: None,
             };
-            let res = serde_json::to_vec(&meta)
-                .map_err(|e| e.to_string())
-                .and_then(|m| spool.append(&m, &r.gzip).map_err(|e| e.to_string()));
+            let res = match serde_json::to_vec(&meta) {
+                Err(e) => Err(e.to_string()),
+                Ok(m) => match spool.append(&m, &r.gzip) {
+                    Ok(seq) => Ok(seq),
+                    Err(e @ crate::spool::SpoolError::NoSpace { .. }) => {
+                        // The spool discarded this group's appends. Forwarding later
+                        // batches would put gaps before the top relay, so stop as for
+                        // any other disk failure: nothing of the group is acknowledged.
+                        tracing::error!(
+                            "forwarding spool: {e}; nothing of this group is acknowledged"
+                        );
+                        let why = format!("cannot spool the batch: {e}");
+                        let rest = group.by_ref().map(|r| r.reply);
+                        for reply in appended.drain(..).chain([r.reply]).chain(rest) {
+                            let _ = reply.send(Err(why.clone()));
+                        }
+                        return; // see store_writer: a restart recovers
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+            };
             match res {
                 Ok(_) => appended.push(r.reply),
                 Err(e) => {

@@ -102,6 +102,13 @@
 //! after a failed `fsync` the kernel may have dropped the dirty pages, so only a reopen,
 //! which rescans what really is on disk, can say what is durable.
 //!
+//! A full disk (`ENOSPC`, `EDQUOT`) is the exception, because it is expected and
+//! passes: when an append or a commit hits it, every record appended since the last
+//! commit is discarded — cut off the newest segment (and segments started since then
+//! are removed) — and [`SpoolError::NoSpace`] is returned with the spool still usable.
+//! Nothing discarded was durable or handed out, so its seqs are given again. A ledger
+//! write that hits it leaves the old ledger in place and returns the same error.
+//!
 //! ## Deleting acknowledged records
 //!
 //! Only whole segments are deleted. Let `limit = min(acked, checkpointed)` when the spool
@@ -267,6 +274,29 @@ pub enum SpoolError {
     },
     #[error("spool stopped accepting writes after an I/O failure ({0}); reopen it to recover")]
     Failed(String),
+    /// The disk is full: every record appended since the last commit was discarded
+    /// (cut off the file); the spool stays usable. Append them again once there is room.
+    #[error("no space left for the spool on {}: {source}", path.display())]
+    NoSpace {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl SpoolError {
+    /// True for an I/O error meaning "the disk is full" (which passes, unlike others).
+    fn is_disk_full(&self) -> bool {
+        matches!(self, SpoolError::Io { source, .. }
+            if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded))
+    }
+
+    fn into_no_space(self) -> SpoolError {
+        match self {
+            SpoolError::Io { path, source } => SpoolError::NoSpace { path, source },
+            other => other,
+        }
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
@@ -722,7 +752,7 @@ impl Spool {
             });
         }
         let r = g.append(meta, payload);
-        g.note_failure(r)
+        g.note_write_failure(r)
     }
 
     /// Makes every appended record durable: writes the buffer, `fsync`s the newest
@@ -732,7 +762,7 @@ impl Spool {
         let mut g = self.lock();
         g.check_failed()?;
         let r = g.commit();
-        let r = g.note_failure(r);
+        let r = g.note_write_failure(r);
         self.shared.durable_tx.send_if_modified(|v| {
             let changed = *v != g.durable_seq;
             *v = g.durable_seq;
@@ -958,12 +988,71 @@ impl Inner {
     }
 
     /// Remembers an I/O failure on a write path: from then on only a reopen can tell
-    /// what is on disk.
+    /// what is on disk. A full disk during a ledger write changed nothing (the old
+    /// ledger stands) and is passed on as [`SpoolError::NoSpace`].
     fn note_failure<T>(&mut self, r: Result<T, SpoolError>) -> Result<T, SpoolError> {
-        if let Err(e @ SpoolError::Io { .. }) = &r {
-            self.failed = Some(e.to_string());
+        match r {
+            Err(e) if e.is_disk_full() => Err(e.into_no_space()),
+            Err(e @ SpoolError::Io { .. }) => {
+                self.failed = Some(e.to_string());
+                Err(e)
+            }
+            r => r,
         }
-        r
+    }
+
+    /// [`Inner::note_failure`] for append and commit: a full disk discards what was
+    /// appended since the last commit, so memory and files agree again.
+    fn note_write_failure<T>(&mut self, r: Result<T, SpoolError>) -> Result<T, SpoolError> {
+        match r {
+            Err(e) if e.is_disk_full() => match self.discard_uncommitted() {
+                Ok(()) => Err(e.into_no_space()),
+                Err(e2) => {
+                    self.failed = Some(format!("{e}; then could not cut it off: {e2}"));
+                    Err(e2)
+                }
+            },
+            r => self.note_failure(r),
+        }
+    }
+
+    /// Forgets every record appended since the last commit and cuts its bytes (whole or
+    /// torn) off the files: segments started since then are removed, the newest kept
+    /// one is truncated to its last committed record. Those seqs are handed out again;
+    /// none of them was durable, so none was ever read or sent.
+    fn discard_uncommitted(&mut self) -> Result<(), SpoolError> {
+        self.pending.clear();
+        self.reader = None;
+        // Every commit (and open) leaves next_seq == durable_seq + 1.
+        let keep_next = self.durable_seq + 1;
+        while let Some(seg) = self.segments.pop_if(|s| s.first_seq > keep_next) {
+            self.active = None;
+            self.bytes = self.bytes.saturating_sub(seg.len);
+            match self.fs.remove_file(&seg.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&seg.path)(e)),
+            }
+            self.dir_dirty = true;
+        }
+        if let Some(seg) = self.segments.last_mut() {
+            let i = seg.entries.partition_point(|e| e.seq < keep_next);
+            let len = seg.entries.get(i).map_or(seg.len, |e| e.offset);
+            seg.entries.truncate(i);
+            self.bytes = self.bytes.saturating_sub(seg.len - len);
+            seg.len = len;
+            let path = seg.path.clone();
+            if self.active.is_none() {
+                self.active = Some(self.fs.open(&path, false).map_err(io_err(&path))?);
+            }
+            if let Some(file) = self.active.as_mut() {
+                // Shrinking needs no free space; the sync makes the cut survive a crash.
+                file.set_len(len).map_err(io_err(&path))?;
+                file.sync().map_err(io_err(&path))?;
+            }
+        }
+        self.next_seq = keep_next;
+        Ok(())
     }
 
     fn append(&mut self, meta: &[u8], payload: &[u8]) -> Result<u64, SpoolError> {
@@ -1035,9 +1124,15 @@ impl Inner {
         let path = self.dir.join(segment_name(first_seq));
         let mut file = self.fs.open(&path, true).map_err(io_err(&path))?;
         // A leftover file of that name can only hold uncommitted bytes.
-        file.set_len(0).map_err(io_err(&path))?;
-        file.append(&format::encode_segment_header(first_seq))
-            .map_err(io_err(&path))?;
+        let header = file
+            .set_len(0)
+            .and_then(|()| file.append(&format::encode_segment_header(first_seq)));
+        if let Err(e) = header {
+            // Not in `segments` yet: a file left behind would claim seqs at reopen.
+            drop(file);
+            let _ = self.fs.remove_file(&path);
+            return Err(io_err(&path)(e));
+        }
         self.dir_dirty = true;
         self.active = Some(file);
         self.segments.push(Segment {

@@ -37,6 +37,9 @@ struct State {
     locks: std::collections::HashSet<PathBuf>,
     /// When set, every file and directory sync fails (a dying disk).
     fail_syncs: bool,
+    /// When set, appends beyond this many bytes (all files together) write what fits
+    /// and fail with `StorageFull`, as a full disk does.
+    capacity: Option<u64>,
     /// Counters, so tests can assert the spool actually syncs.
     file_syncs: u64,
     dir_syncs: u64,
@@ -153,6 +156,11 @@ impl SimFs {
     }
 
     /// Makes every following file and directory sync fail (or succeed again).
+    /// Limit all files together to `bytes` (None: unlimited); see `State::capacity`.
+    pub fn set_capacity(&self, bytes: Option<u64>) {
+        lock(&self.state).capacity = bytes;
+    }
+
     pub fn set_fail_syncs(&self, fail: bool) {
         lock(&self.state).fail_syncs = fail;
     }
@@ -219,7 +227,15 @@ impl FsFile for SimFile {
 
     fn append(&mut self, data: &[u8]) -> io::Result<()> {
         self.with(|st, id| {
-            inode_mut(st, id)?.current.extend_from_slice(data);
+            let room = st.capacity.map_or(usize::MAX, |cap| {
+                let used: u64 = st.inodes.values().map(|i| i.current.len() as u64).sum();
+                usize::try_from(cap.saturating_sub(used)).unwrap_or(usize::MAX)
+            });
+            let n = data.len().min(room);
+            inode_mut(st, id)?.current.extend_from_slice(&data[..n]);
+            if n < data.len() {
+                return Err(io::ErrorKind::StorageFull.into());
+            }
             Ok(())
         })
     }

@@ -464,3 +464,59 @@ pub fn wait_store(
         std::thread::sleep(Duration::from_millis(250));
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Writers and seeds
+// ---------------------------------------------------------------------------------------
+
+/// Append lines `from..to` of writer `tag` to `path`; returns them (without newline).
+pub fn append(path: &Path, from: u64, to: u64, tag: &str) -> Vec<Vec<u8>> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    let mut buf = String::new();
+    let mut out = Vec::new();
+    for n in from..to {
+        let l = line(tag, n);
+        buf.push_str(&l);
+        buf.push('\n');
+        out.push(l.into_bytes());
+    }
+    f.write_all(buf.as_bytes()).unwrap();
+    out
+}
+
+/// The seed of a randomized test: `SOCLINK_SEED` replays one, else a fresh one. Printed
+/// either way, so a failure names the seed that reproduces it.
+pub fn seed() -> u64 {
+    let s = std::env::var("SOCLINK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("SOCLINK_SEED={s}");
+    s
+}
+
+/// A writer thread appending `per_tick` numbered lines every 10 ms until stopped;
+/// returns what it wrote.
+pub fn writer(
+    path: PathBuf,
+    tag: impl Into<String>,
+    per_tick: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+    let tag = tag.into();
+    std::thread::spawn(move || {
+        let mut n = 0;
+        let mut all = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            all.extend(append(&path, n, n + per_tick, &tag));
+            n += per_tick;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        all
+    })
+}
