@@ -449,3 +449,16 @@ fn incident_time_before_1970_panicked_render() {
     let e = serde_json::from_slice::<soclink::incident::record::Incident>(&data).unwrap_err();
     assert!(e.to_string().contains("0026-11-26T02:30:00Z"), "{e}");
 }
+
+/// An RFC 5424 TIMESTAMP holding U+009E (a C1 control character) was taken as a header
+/// field, against the parser's rule of no control characters in header fields.
+#[test]
+fn rfc5424_header_field_with_c1_control_char() {
+    let t = target("syslog_rfc5424").unwrap();
+    let path = fuzz_dir().join("regressions/syslog_rfc5424/header_field_with_c1_control_char");
+    let data = std::fs::read(&path).unwrap();
+    run_one(t, &data, "regression").unwrap_or_else(|e| panic!("{e}"));
+    let p = soclink::sources::syslog::parse(b"<13>1 2026-11-26T00:00:00Z h\xc2\x9e a - - - m");
+    assert_eq!(p.hostname, None, "{p:?}");
+    assert!(p.parse_error.is_some());
+}
