@@ -68,9 +68,11 @@
 //!
 //! A candidate record is valid only if its magic matches, its lengths are within the
 //! bound and inside the file, its CRC matches, and its `seq` is above the previous valid
-//! record's and below the next segment's `first_seq`. The magic and the CRC covering
-//! the length fields make resynchronisation reliable: a random position passes all
-//! checks with probability about 2^-64.
+//! record's and below the `first_seq` of the next segment whose header is valid (a
+//! segment that recovery removes or quarantines bounds nothing, so recovery is
+//! idempotent). The magic and the CRC covering the length fields make
+//! resynchronisation reliable: a random position passes all checks with probability
+//! about 2^-64.
 //!
 //! ### Ack ledger
 //!
