@@ -340,7 +340,7 @@ async fn connection(stream: UnixStream, handler: Arc<dyn Handler>) {
     }
 }
 
-fn parse_request(line: &[u8]) -> Result<Value, String> {
+pub(crate) fn parse_request(line: &[u8]) -> Result<Value, String> {
     if line.iter().all(u8::is_ascii_whitespace) {
         return Err("empty request: send one JSON object such as {\"cmd\":\"status\"}".into());
     }

@@ -20,6 +20,8 @@
 //! - [`status`]: `soclink status`: snapshots of live counters and their rendering.
 //! - [`metrics`]: the same snapshots as a Prometheus `GET /metrics` endpoint.
 //! - [`service`]: sd_notify and the watchdog when run as a systemd service.
+//!
+//! `fuzzing` (hidden) holds the fuzz target bodies shared by `fuzz/` and `tests/fuzz_targets.rs`.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -30,6 +32,8 @@ pub mod control;
 pub mod demo;
 pub mod event;
 pub mod fanin;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod incident;
 pub mod intel;
 pub mod metrics;

@@ -92,8 +92,15 @@ fn pem_err(path: &Path, e: rustls_pki_types::pem::Error) -> TlsError {
 /// Reads every certificate in a PEM file (a leaf followed by its intermediates, or a
 /// list of CAs). Other PEM blocks (e.g. a key in the same file) are skipped.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let data = read_file(path)?;
-    let certs = CertificateDer::pem_slice_iter(&data)
+    certs_from_pem(&read_file(path)?, path)
+}
+
+/// [`load_certs`] on bytes already read; `path` only names the file in errors.
+pub(crate) fn certs_from_pem(
+    data: &[u8],
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(data)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_err(path, e))?;
     if certs.is_empty() {
@@ -107,8 +114,12 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 /// Reads the first private key in a PEM file: PKCS#8 (`PRIVATE KEY`), PKCS#1
 /// (`RSA PRIVATE KEY`) or SEC1 (`EC PRIVATE KEY`).
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let data = read_file(path)?;
-    PrivateKeyDer::from_pem_slice(&data).map_err(|e| match e {
+    key_from_pem(&read_file(path)?, path)
+}
+
+/// [`load_key`] on bytes already read; `path` only names the file in errors.
+pub(crate) fn key_from_pem(data: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(data).map_err(|e| match e {
         rustls_pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
             path: path.to_owned(),
         },
@@ -118,8 +129,15 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 
 /// Reads every CRL in a PEM file.
 pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
-    let data = read_file(path)?;
-    let crls = CertificateRevocationListDer::pem_slice_iter(&data)
+    crls_from_pem(&read_file(path)?, path)
+}
+
+/// [`load_crls`] on bytes already read; `path` only names the file in errors.
+pub(crate) fn crls_from_pem(
+    data: &[u8],
+    path: &Path,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let crls = CertificateRevocationListDer::pem_slice_iter(data)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_err(path, e))?;
     if crls.is_empty() {
@@ -142,7 +160,7 @@ fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

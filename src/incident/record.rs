@@ -121,7 +121,15 @@ pub fn parse_time(s: &str) -> Result<SystemTime, IncidentError> {
             value: s.to_string(),
             reason: e.to_string(),
         })?;
-    Ok(SystemTime::from(odt))
+    let t = SystemTime::from(odt);
+    // Every renderer formats with humantime, which cannot show (panics on) earlier times.
+    if t < SystemTime::UNIX_EPOCH {
+        return Err(IncidentError::InvalidTime {
+            value: s.to_string(),
+            reason: "before 1970-01-01T00:00:00Z".into(),
+        });
+    }
+    Ok(t)
 }
 
 /// `HH:MM UTC` of a time, for deadlines shown to people.
@@ -847,5 +855,9 @@ mod tests {
         assert_eq!(format_time(t), "2026-11-26T01:30:00Z");
         assert_eq!(clock_utc(t), "01:30 UTC");
         assert!(parse_time("yesterday").is_err());
+        // Found by fuzzing (fuzz/regressions/incident_record/): rendering panicked.
+        let e = parse_time("0026-11-26T02:30:00Z").unwrap_err();
+        assert!(e.to_string().contains("before 1970"), "{e}");
+        assert!(parse_time("1970-01-01T00:00:00Z").is_ok());
     }
 }

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use flate2::bufread::GzDecoder;
@@ -158,8 +158,16 @@ pub fn verify_bundle_with(path: &Path, limits: VerifyLimits) -> Result<VerifyRep
         path: path.to_path_buf(),
         source,
     })?;
+    verify_reader(BufReader::with_capacity(256 * 1024, file), limits)
+}
+
+/// [`verify_bundle_with`] on the bundle's bytes from any buffered reader.
+pub(crate) fn verify_reader<R: BufRead>(
+    reader: R,
+    limits: VerifyLimits,
+) -> Result<VerifyReport, VerifyError> {
     let mut limited = Limited {
-        inner: GzDecoder::new(BufReader::with_capacity(256 * 1024, file)),
+        inner: GzDecoder::new(reader),
         count: 0,
         limit: limits.max_decompressed,
         tripped: false,
@@ -175,7 +183,7 @@ pub fn verify_bundle_with(path: &Path, limits: VerifyLimits) -> Result<VerifyRep
 
 /// Nothing may hide after the archive: the rest of the gzip member must be tar padding
 /// (zeros), and no second gzip member or other bytes may follow it.
-fn no_trailing(limited: &mut Limited<GzDecoder<BufReader<File>>>) -> Result<(), VerifyError> {
+fn no_trailing<R: BufRead>(limited: &mut Limited<GzDecoder<R>>) -> Result<(), VerifyError> {
     let mut rest = [0u8; 8192];
     loop {
         let n = limited.read(&mut rest).map_err(corrupt)?;
@@ -190,7 +198,7 @@ fn no_trailing(limited: &mut Limited<GzDecoder<BufReader<File>>>) -> Result<(), 
         }
     }
     let file = limited.inner.get_mut();
-    if !io::BufRead::fill_buf(file).map_err(corrupt)?.is_empty() {
+    if !file.fill_buf().map_err(corrupt)?.is_empty() {
         return Err(VerifyError::Trailing(
             "bytes after the end of the gzip stream",
         ));

@@ -343,8 +343,8 @@ struct FileEntry {
 }
 
 /// The persisted facts about one agent.
-#[derive(Debug, Clone, Default)]
-struct AgentState {
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct AgentState {
     streams: BTreeMap<String, u64>,
     files: BTreeMap<FileKey, FileEntry>,
     bytes: u64,
@@ -1001,12 +1001,9 @@ fn create_dir_all(fs: &dyn StoreFs, dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn write_state(
-    fs: &dyn StoreFs,
-    dedupe_dir: &Path,
-    agent: &str,
-    s: &AgentState,
-) -> Result<(), StoreError> {
+/// The bytes of an agent's state file: a header line (magic, CRC32 and length of the
+/// body) followed by the JSON body.
+pub(crate) fn encode_state(agent: &str, s: &AgentState) -> io::Result<Vec<u8>> {
     let body = BodyJson {
         version: 1,
         agent: agent.to_string(),
@@ -1024,10 +1021,7 @@ fn write_state(
         bytes: s.bytes,
         last_write_unix_ms: s.last_write_unix_ms,
     };
-    let path = dedupe_dir.join(format!("{agent}{STATE_SUFFIX}"));
-    let tmp = dedupe_dir.join(format!("{agent}{STATE_SUFFIX}{TEMP_SUFFIX}"));
-    let json =
-        serde_json::to_vec(&body).map_err(|e| io_err("encode", &path)(io::Error::other(e)))?;
+    let json = serde_json::to_vec(&body).map_err(io::Error::other)?;
     let mut data = format!(
         "{HEADER_MAGIC} crc32={:08x} len={}\n",
         crc32fast::hash(&json),
@@ -1035,6 +1029,18 @@ fn write_state(
     )
     .into_bytes();
     data.extend_from_slice(&json);
+    Ok(data)
+}
+
+fn write_state(
+    fs: &dyn StoreFs,
+    dedupe_dir: &Path,
+    agent: &str,
+    s: &AgentState,
+) -> Result<(), StoreError> {
+    let path = dedupe_dir.join(format!("{agent}{STATE_SUFFIX}"));
+    let tmp = dedupe_dir.join(format!("{agent}{STATE_SUFFIX}{TEMP_SUFFIX}"));
+    let data = encode_state(agent, s).map_err(io_err("encode", &path))?;
     fs.write_file(&tmp, &data).map_err(io_err("write", &tmp))?;
     fs.sync_file(&tmp).map_err(io_err("fsync", &tmp))?;
     fs.rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
@@ -1052,6 +1058,11 @@ fn read_state(fs: &dyn StoreFs, path: &Path, agent: &str) -> Result<AgentState, 
     let data = fs
         .read_limited(path, MAX_STATE_BYTES)
         .map_err(io_err("read", path))?;
+    parse_state(&data, path, agent)
+}
+
+/// Decodes and checks a state file's bytes; `path` only names the file in errors.
+pub(crate) fn parse_state(data: &[u8], path: &Path, agent: &str) -> Result<AgentState, StoreError> {
     if data.len() as u64 > MAX_STATE_BYTES {
         return Err(corrupt(path, "larger than the state size limit"));
     }

@@ -68,9 +68,11 @@
 //!
 //! A candidate record is valid only if its magic matches, its lengths are within the
 //! bound and inside the file, its CRC matches, and its `seq` is above the previous valid
-//! record's and below the next segment's `first_seq`. The magic and the CRC covering
-//! the length fields make resynchronisation reliable: a random position passes all
-//! checks with probability about 2^-64.
+//! record's and below the `first_seq` of the next segment whose header is valid (a
+//! segment that recovery removes or quarantines bounds nothing, so recovery is
+//! idempotent). The magic and the CRC covering the length fields make
+//! resynchronisation reliable: a random position passes all checks with probability
+//! about 2^-64.
 //!
 //! ### Ack ledger
 //!
@@ -568,13 +570,16 @@ impl Spool {
         let mut floor = ledger.acked.saturating_add(1);
         let mut segments: Vec<Segment> = Vec::new();
         let mut active: Option<Box<dyn FsFile>> = None;
+        // Pass 1: headers. Segments removed or quarantined here must not bound the
+        // records of the one before (`below_seq`), or the next open, no longer seeing
+        // them, would accept records this one skipped: recovery must be idempotent.
+        let mut headed: Vec<(u64, PathBuf, bool)> = Vec::new();
         for (i, (first_seq, name)) in seg_names.iter().enumerate() {
             let first_seq = *first_seq;
             let is_newest = i + 1 == seg_names.len();
-            let below_seq = seg_names.get(i + 1).map_or(u64::MAX, |s| s.0);
             let path = dir.join(name);
             floor = floor.max(first_seq);
-            let mut file = fs.open(&path, false).map_err(io_err(&path))?;
+            let file = fs.open(&path, false).map_err(io_err(&path))?;
             let len = file.size().map_err(io_err(&path))?;
 
             if len < SEGMENT_HEADER_LEN as u64 && is_newest {
@@ -618,7 +623,16 @@ impl Spool {
                     continue;
                 }
             }
+            headed.push((first_seq, path, is_newest));
+        }
 
+        // Pass 2: records, each segment bounded by the next one that remains.
+        for (i, (first_seq, path, is_newest)) in headed.iter().enumerate() {
+            let (first_seq, is_newest) = (*first_seq, *is_newest);
+            let path = path.clone();
+            let below_seq = headed.get(i + 1).map_or(u64::MAX, |s| s.0);
+            let mut file = fs.open(&path, false).map_err(io_err(&path))?;
+            let len = file.size().map_err(io_err(&path))?;
             let scan =
                 scan_segment(file.as_ref(), first_seq, below_seq, len).map_err(io_err(&path))?;
             for (start, end) in &scan.damaged {

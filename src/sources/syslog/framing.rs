@@ -57,6 +57,11 @@ pub struct Framer {
     /// Reading the first count of the connection: its digits are also in `buf`, so
     /// that a first message that merely starts with digits can still be read as a line.
     probing: bool,
+    /// The last byte read of an LF-framed line was a CR, not yet in `buf`: dropped if
+    /// the terminator comes next (CRLF split across reads), kept otherwise. Holding it
+    /// back keeps the message and its `truncated` flag independent of how TCP
+    /// segmented the stream (a line of exactly `max` bytes plus CR is not truncated).
+    cr: bool,
 }
 
 impl Framer {
@@ -68,6 +73,7 @@ impl Framer {
             buf: Vec::new(),
             overflow: false,
             probing: false,
+            cr: false,
         }
     }
 
@@ -176,15 +182,15 @@ impl Framer {
                     Some(end) => {
                         let piece = &data[..end];
                         data = &data[end + 1..];
-                        if self.buf.is_empty() && !self.overflow {
+                        if self.buf.is_empty() && !self.overflow && !self.cr {
                             let line = strip_cr(piece);
                             let cut = line.len() > self.max;
                             emit(&line[..line.len().min(self.max)], cut);
                         } else {
-                            self.keep(piece);
-                            if !self.overflow && self.buf.last() == Some(&b'\r') {
-                                self.buf.pop();
+                            if std::mem::take(&mut self.cr) && !piece.is_empty() {
+                                self.keep(b"\r");
                             }
+                            self.keep(strip_cr(piece));
                             emit(&self.buf, self.overflow);
                             self.buf.clear();
                             self.overflow = false;
@@ -192,7 +198,17 @@ impl Framer {
                         self.state = State::Start;
                     }
                     None => {
-                        self.keep(data);
+                        if std::mem::take(&mut self.cr) {
+                            self.keep(b"\r");
+                        }
+                        let body = match data.strip_suffix(b"\r") {
+                            Some(body) => {
+                                self.cr = true;
+                                body
+                            }
+                            None => data,
+                        };
+                        self.keep(body);
                         data = &[];
                     }
                 },
@@ -206,7 +222,10 @@ impl Framer {
     /// reported as truncated). Bytes the sender got into our kernel are never dropped.
     pub fn finish(&mut self, mut emit: impl FnMut(&[u8], bool)) {
         match self.state {
-            State::Line if !self.buf.is_empty() || self.overflow => {
+            State::Line if !self.buf.is_empty() || self.overflow || self.cr => {
+                if std::mem::take(&mut self.cr) {
+                    self.keep(b"\r");
+                }
                 emit(&self.buf, self.overflow);
             }
             State::Body { .. } => emit(&self.buf, true),
@@ -214,6 +233,7 @@ impl Framer {
         }
         self.buf.clear();
         self.overflow = false;
+        self.cr = false;
         self.state = State::Start;
     }
 
@@ -317,6 +337,32 @@ mod tests {
         // A count split across reads is still a count.
         let (out, _) = frames(100, &[b"1", b"0", b" ", b"<1>abcdefg"]);
         assert_eq!(out, msgs(&[("<1>abcdefg", false)]));
+    }
+
+    /// Found by fuzzing (`fuzz/regressions/syslog_*_framer/`): a line of exactly `max`
+    /// bytes whose CRLF was split across two reads was reported as truncated, and a CR
+    /// ending one read counted against `max`; the result must not depend on segmentation.
+    #[test]
+    fn crlf_split_across_reads_marked_truncated() {
+        let want = msgs(&[
+            ("x", false),
+            ("abc", false),
+            ("ab\r", false),
+            ("a\rb", false),
+        ]);
+        let whole: &[&[u8]] = &[b"x\nabc\r\nab\r\r\na\rb\n"];
+        assert_eq!(frames(3, whole).0, want);
+        let split: &[&[u8]] = &[b"x\nabc\r", b"\nab\r", b"\r", b"\na\r", b"b\n"];
+        assert_eq!(frames(3, split).0, want);
+        // A CR that ends the connection is part of the last (unterminated) line.
+        assert_eq!(
+            frames(3, &[b"x\nab\r"]).0,
+            msgs(&[("x", false), ("ab\r", false)])
+        );
+        assert_eq!(
+            frames(2, &[b"x\nab\r"]).0,
+            msgs(&[("x", false), ("ab", true)])
+        );
     }
 
     #[test]

@@ -193,7 +193,8 @@ fn token(b: &[u8]) -> (&[u8], &[u8]) {
 /// A header field: UTF-8 without control characters, else `None`.
 fn field(b: &[u8]) -> Option<&str> {
     let s = std::str::from_utf8(b).ok()?;
-    (!s.is_empty() && !s.bytes().any(|c| c < 0x20 || c == 0x7f)).then_some(s)
+    // `char::is_control` includes the C1 range (U+0080..U+009F), which terminals obey.
+    (!s.is_empty() && !s.chars().any(char::is_control)).then_some(s)
 }
 
 /// An RFC 5424 header field, `-` meaning absent.
