@@ -14,13 +14,11 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use flate2::write::GzEncoder;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -74,13 +72,7 @@ pub struct Agent {
 
 /// Compress NDJSON into one gzip member (no name, zero mtime: same bytes every time).
 pub fn compress(raw: &[u8], level: u32) -> Vec<u8> {
-    let mut enc = GzEncoder::new(
-        Vec::with_capacity(raw.len() / 4 + 64),
-        flate2::Compression::new(level),
-    );
-    // Writing into a Vec cannot fail.
-    let _ = enc.write_all(raw);
-    enc.finish().unwrap_or_default()
+    crate::pool::gzip_into(raw, level, Vec::with_capacity(raw.len() / 4 + 64))
 }
 
 /// Take the state directory's lock so two agents never share a spool.
@@ -396,13 +388,16 @@ async fn compress_stage(
 ) {
     while let Some(b) = rx.recv().await {
         let h = tokio::task::spawn_blocking(move || {
-            let gzip = compress(&b.raw, level);
+            let out = crate::pool::GZIP.take(b.raw.len() / 4 + 64);
+            let gzip = crate::pool::gzip_into(&b.raw, level, out);
+            let raw_bytes = b.raw.len() as u64;
+            crate::pool::BATCHES.give(b.raw);
             Compressed {
                 meta: BatchMeta {
                     source: b.source,
                     day: b.day,
                     events: b.events,
-                    raw_bytes: b.raw.len() as u64,
+                    raw_bytes,
                     origin: None,
                     item: None,
                     cursor: b.cursor,
@@ -486,7 +481,10 @@ async fn write_stage(
                 for c in items.by_ref() {
                     let meta = serde_json::to_vec(&c.meta)?;
                     match sp.append(&meta, &c.gzip) {
-                        Ok(seq) => appended.push((seq, c.meta)),
+                        Ok(seq) => {
+                            appended.push((seq, c.meta));
+                            crate::pool::GZIP.give(c.gzip);
+                        }
                         Err(crate::spool::SpoolError::Full { .. }) => {
                             let mut rest = vec![c];
                             rest.extend(items);

@@ -19,6 +19,7 @@
 //! - [`status`]: `soclink status`: snapshots of live counters and their rendering.
 //! - [`metrics`]: the same snapshots as a Prometheus `GET /metrics` endpoint.
 //! - [`service`]: sd_notify and the watchdog when run as a systemd service.
+//! - [`pool`]: reused batch buffers and deflate states (bounded agent memory).
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -30,6 +31,7 @@ pub mod demo;
 pub mod event;
 pub mod incident;
 pub mod metrics;
+pub mod pool;
 pub mod protocol;
 pub mod relay;
 pub mod service;
