@@ -14,13 +14,11 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use flate2::write::GzEncoder;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -100,13 +98,7 @@ pub struct Agent {
 
 /// Compress NDJSON into one gzip member (no name, zero mtime: same bytes every time).
 pub fn compress(raw: &[u8], level: u32) -> Vec<u8> {
-    let mut enc = GzEncoder::new(
-        Vec::with_capacity(raw.len() / 4 + 64),
-        flate2::Compression::new(level),
-    );
-    // Writing into a Vec cannot fail.
-    let _ = enc.write_all(raw);
-    enc.finish().unwrap_or_default()
+    crate::pool::gzip_into(raw, level, Vec::with_capacity(raw.len() / 4 + 64))
 }
 
 /// Take the state directory's lock so two agents never share a spool.
@@ -240,7 +232,9 @@ impl Agent {
         } = self;
         let started = Instant::now(); // control: uptime
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let (tx, rx) = mpsc::channel::<SealedBatch>(cpus * 2);
+        // Each waiting batch is up to batch_max_bytes of memory; one per core keeps the
+        // compressors fed (more only raised the peak RSS, not the throughput).
+        let (tx, rx) = mpsc::channel::<SealedBatch>(cpus);
         let stop_sources = CancellationToken::new();
         // An early return (a failed start) must not leave source threads running.
         let _stop_sources_on_return = stop_sources.clone().drop_guard();
@@ -540,13 +534,16 @@ async fn compress_stage(
 ) {
     while let Some(b) = rx.recv().await {
         let h = tokio::task::spawn_blocking(move || {
-            let gzip = compress(&b.raw, level);
+            let out = crate::pool::GZIP.take(b.raw.len() / 4 + 64);
+            let gzip = crate::pool::gzip_into(&b.raw, level, out);
+            let raw_bytes = b.raw.len() as u64;
+            crate::pool::BATCHES.give(b.raw);
             Compressed {
                 meta: BatchMeta {
                     source: b.source,
                     day: b.day,
                     events: b.events,
-                    raw_bytes: b.raw.len() as u64,
+                    raw_bytes,
                     origin: None,
                     item: None,
                     cursor: b.cursor,
@@ -703,10 +700,13 @@ fn append_group(sp: &Spool, group: Vec<Compressed>) -> Result<Appended> {
         }
         Err(e) => return Err(e.into()),
     }
-    let rest = match full_at {
-        Some(i) => group.into_iter().skip(i).collect(),
-        None => Vec::new(),
-    };
+    // Durable now: the appended batches' buffers go back to the pool for reuse.
+    let keep = full_at.unwrap_or(group.len());
+    let mut it = group.into_iter();
+    for c in it.by_ref().take(keep) {
+        crate::pool::GZIP.give(c.gzip);
+    }
+    let rest = it.collect();
     Ok(Appended::Committed { done, rest })
 }
 

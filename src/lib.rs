@@ -22,6 +22,7 @@
 //! - [`service`]: sd_notify and the watchdog when run as a systemd service.
 //!
 //! `fuzzing` (hidden) holds the fuzz target bodies shared by `fuzz/` and `tests/fuzz_targets.rs`.
+//! - [`pool`]: reused batch buffers and deflate states (bounded agent memory).
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -37,6 +38,7 @@ pub mod fuzzing;
 pub mod incident;
 pub mod intel;
 pub mod metrics;
+pub mod pool;
 pub mod protocol;
 pub mod relay;
 pub mod reload;

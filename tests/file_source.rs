@@ -45,6 +45,12 @@ fn rename_rotation_while_writing() {
                 .collect();
             append(&log, &lines);
             all.extend(lines);
+            if all.len() == 600 {
+                // The agent must be tailing the file before the first rename: a file
+                // renamed away before the agent (still starting) ever saw it is not
+                // in `include`, so its lines would rightly never be read.
+                wait_events(&agent, T, "the first lines", |e| e.len() >= 600);
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
         // logrotate's default: rename, then the writer creates a new file.

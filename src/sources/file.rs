@@ -743,7 +743,7 @@ impl FileSource {
             events: self.batch.events,
             raw: std::mem::replace(
                 &mut self.batch.raw,
-                Vec::with_capacity(self.limits.max_bytes as usize + 4096),
+                crate::pool::BATCHES.take(self.limits.max_bytes as usize + 4096),
             ),
             cursor: serde_json::to_value(cursor).ok(),
         };

@@ -1123,6 +1123,11 @@ impl Inner {
         };
         file.append(&self.pending).map_err(io_err(&path))?;
         self.pending.clear();
+        // One large record (a 4 MiB bundle chunk) grows the buffer; do not keep that
+        // much for the 1 MiB batches that follow.
+        if self.pending.capacity() > 4 * FLUSH_BYTES {
+            self.pending = Vec::new();
+        }
         Ok(())
     }
 
@@ -1299,7 +1304,10 @@ impl Inner {
         let meta_end = RECORD_HEADER_LEN + h.meta_len as usize;
         // The header check above proved meta_end <= buf.len().
         let meta = buf.get(RECORD_HEADER_LEN..meta_end).unwrap_or(&[]).to_vec();
-        let payload = buf.split_off(meta_end.min(buf.len()));
+        // Shift the payload down in place: `split_off` would copy it into a second
+        // allocation of the same size.
+        buf.drain(..meta_end.min(buf.len()));
+        let payload = buf;
         Ok(Some(Record {
             seq: entry.seq,
             meta,

@@ -17,6 +17,8 @@ pub struct AgentProc {
     pub config: PathBuf,
     pub state: PathBuf,
     pub child: Option<Child>,
+    /// Extra environment for the process (on top of the test's own).
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentProc {
@@ -35,6 +37,7 @@ impl AgentProc {
             config,
             state,
             child: None,
+            env: Vec::new(),
         }
     }
 
@@ -49,6 +52,7 @@ impl AgentProc {
             .args(["agent", "-c"])
             .arg(&self.config)
             .env("SOCLINK_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

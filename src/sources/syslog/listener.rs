@@ -526,7 +526,10 @@ async fn batcher(
             seal(&name, &mut open, &out, &lost).await;
         }
         if open.events == 0 {
-            open.raw = chunk.raw;
+            // A reused buffer (see crate::pool): growing a fresh one to the batch size
+            // for every batch costs page faults and copies.
+            open.raw = crate::pool::BATCHES.take(max.min(4 << 20));
+            open.raw.extend_from_slice(&chunk.raw);
             open.day = chunk.day;
             open.deadline = Some(tokio::time::Instant::now() + limits.max_delay);
         } else {
