@@ -293,7 +293,7 @@ impl Collector {
     }
 
     /// Stage a batch of alert records durably, in the period of now.
-    pub fn stage(&mut self, b: SealedBatch) -> Result<()> {
+    pub fn stage(&mut self, b: &SealedBatch) -> Result<()> {
         let at_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -621,6 +621,54 @@ impl Collector {
     }
 }
 
+/// Runs one blocking step on the pool, with the collector moved there and back.
+async fn step<T: Send + 'static>(
+    c: &mut Option<Collector>,
+    f: impl FnOnce(&mut Collector) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let Some(mut owned) = c.take() else {
+        anyhow::bail!("the intel task lost its state after an earlier failure; restart the agent");
+    };
+    let (owned, r) = tokio::task::spawn_blocking(move || {
+        let r = f(&mut owned);
+        (owned, r)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("intel task panicked: {e}"))?;
+    *c = Some(owned);
+    r
+}
+
+/// Stage one batch, retrying every second while staging fails (a full disk): its
+/// records are never skipped, and the file source waits meanwhile. Gives up only at
+/// shutdown (then the batch is read again after the restart: its position never
+/// advanced).
+async fn stage_until_done(
+    c: &mut Option<Collector>,
+    b: SealedBatch,
+    stop: &CancellationToken,
+) -> Result<()> {
+    let b = Arc::new(b);
+    let mut logged = false;
+    loop {
+        let b2 = b.clone();
+        match step(c, move |c| c.stage(&b2)).await {
+            Ok(()) => return Ok(()),
+            Err(e) if stop.is_cancelled() => return Err(e),
+            Err(e) => {
+                if !logged {
+                    tracing::error!("intel: cannot stage alert records, retrying every 1s: {e:#}");
+                    logged = true;
+                }
+                if let Some(c) = c.as_ref() {
+                    c.publish(Some(format!("{e:#}")));
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
 /// Run the intel task until `stop`: staged batches from `rx`, a tick every second,
 /// `run-now` requests. Errors are logged and shown in status; the task keeps going
 /// (what is staged stays staged).
@@ -634,26 +682,11 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_save = std::time::Instant::now();
-    // Runs one blocking step on the pool, with the collector moved there and back.
-    async fn step<T: Send + 'static>(
-        c: &mut Option<Collector>,
-        f: impl FnOnce(&mut Collector) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let mut owned = c.take().expect("collector present between steps");
-        let (owned, r) = tokio::task::spawn_blocking(move || {
-            let r = f(&mut owned);
-            (owned, r)
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("intel task panicked: {e}"))?;
-        *c = Some(owned);
-        r
-    }
     loop {
         let full = c.as_ref().is_some_and(Collector::staging_full);
         let res = tokio::select! {
             b = rx.recv(), if !full => match b {
-                Some(b) => step(&mut c, move |c| c.stage(b)).await,
+                Some(b) => stage_until_done(&mut c, b, &stop).await,
                 None => { stop.cancelled().await; break; }
             },
             _ = tick.tick() => {
@@ -680,7 +713,7 @@ pub async fn run(
     }
     // The sources have stopped: stage what they still send, then persist.
     while let Ok(b) = rx.try_recv() {
-        if let Err(e) = step(&mut c, move |c| c.stage(b)).await {
+        if let Err(e) = stage_until_done(&mut c, b, &stop).await {
             tracing::error!("intel: {e:#}");
         }
     }
