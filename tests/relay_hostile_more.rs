@@ -492,9 +492,9 @@ fn ten_thousand_connections_opened_and_dropped() {
     let t0 = Instant::now();
     let opened = rig.rt.block_on(async {
         let mut opened = 0;
-        for _ in 0..50 {
+        for _ in 0..20 {
             let mut wave = Vec::new();
-            for _ in 0..200 {
+            for _ in 0..500 {
                 let a = addr.clone();
                 wave.push(tokio::spawn(async move {
                     tokio::net::TcpStream::connect(a).await.is_ok()
