@@ -546,11 +546,7 @@ fn crl_expired_fails_closed_and_unreadable_crl_stops_the_relay() {
     // Nobody gets in while the CRL is expired, not even a good agent.
     let mut witness = Witness::start(dir.path(), &pki, &relay);
     witness.write(100);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !relay.log().contains("CRL configured here has expired") {
-        assert!(Instant::now() < deadline, "{}", relay.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_log(&relay, "CRL configured here has expired");
     assert!(relay.events("witness").is_empty());
     // A fresh CRL and a reload let the good agent in; the revoked one stays out.
     std::fs::write(&crl, pki.ca.revoke(&[&lost]).unwrap()).unwrap();
@@ -567,11 +563,7 @@ fn crl_expired_fails_closed_and_unreadable_crl_stops_the_relay() {
         panic!("a revoked certificate must be refused")
     };
     assert!(e.contains("revoked"), "{e}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !relay.log().contains("has been revoked") {
-        assert!(Instant::now() < deadline, "{}", relay.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_log(&relay, "has been revoked");
     witness.agent.stop();
     relay.stop();
     // A CRL that cannot be read, or holds no CRL, keeps the relay from starting.
@@ -608,6 +600,19 @@ fn crl_expired_fails_closed_and_unreadable_crl_stops_the_relay() {
     }
 }
 
+/// The relay logs a refusal after the client has seen it: poll for the line.
+fn wait_log(relay: &RelayProc, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !relay.log().contains(want) {
+        assert!(
+            Instant::now() < deadline,
+            "relay log must say {want:?}:\n{}",
+            relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 trait ReadAll {
     fn read_to_string_sync(&mut self, s: &mut String);
 }
@@ -633,8 +638,7 @@ fn not_yet_valid_and_server_only_client_certificates_are_refused() {
             .rt
             .block_on(tls_connect(&addr, client_config(&rig.pki, &c, &k)));
         assert!(r.is_err(), "{want}: must be refused");
-        let log = rig.relay.log();
-        assert!(log.contains(want), "relay log must say {want:?}:\n{log}");
+        wait_log(&rig.relay, want);
     }
     assert!(rig.relay.events("future").is_empty());
     assert!(rig.relay.events("serveronly").is_empty());
