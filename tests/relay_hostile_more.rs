@@ -396,7 +396,6 @@ fn path_traversal_reserved_and_odd_names() {
     let rig = Rig::new("");
     let long = "x".repeat(129);
     // Refused as a source, an incident id or an intel item name.
-    let chunk = |name: &str| serde_json::json!({"type":"intel_chunk","name":name,"offset":0,"total":1,"sha256":"0".repeat(64)});
     let mut refused = Vec::new();
     for bad in [
         "..",
@@ -412,18 +411,6 @@ fn path_traversal_reserved_and_odd_names() {
         let mut h = header(1, "s");
         h["item"] = serde_json::json!({"type":"incident_record","incident":bad});
         refused.push(("incident", h));
-    }
-    // Intel item names must be `<period>.json.gz`: anything else, including a safe
-    // file name, is the sender's fault for good.
-    for bad in [
-        "../20261126T000000Z.json.gz",
-        "evil.json.gz",
-        "passwd",
-        "20261126T000000Z.json",
-    ] {
-        let mut h = header(1, "s");
-        h["item"] = chunk(bad);
-        refused.push(("intel item", h));
     }
     for (what, h) in &refused {
         let (code, msg) = rig.refusal(&batch_frame(h.to_string().as_bytes(), &gz(NDJSON)));
@@ -482,6 +469,37 @@ fn path_traversal_reserved_and_odd_names() {
         .collect();
     top.sort();
     assert_eq!(top, ["certs", "relay", "witness"]);
+    rig.finish(64);
+}
+
+/// Was a bug: an intel item name that is a safe path component but not
+/// `<period>.json.gz` passed decoding and failed only at the store, which answered
+/// `unavailable` ("retry later"), so a sender retried it forever.
+#[test]
+fn intel_item_with_a_bad_name_is_refused_not_retried_as_unavailable() {
+    let rig = Rig::new("");
+    let chunk = |name: &str| serde_json::json!({"type":"intel_chunk","name":name,"offset":0,"total":1,"sha256":"0".repeat(64)});
+    let mut refused = Vec::new();
+    // Intel item names must be `<period>.json.gz`: anything else, including a safe
+    // file name, is the sender's fault for good.
+    for bad in [
+        "../20261126T000000Z.json.gz",
+        "evil.json.gz",
+        "passwd",
+        "20261126T000000Z.json",
+    ] {
+        let mut h = header(1, "s");
+        h["item"] = chunk(bad);
+        refused.push(("intel item", h));
+    }
+    for (what, h) in &refused {
+        let (code, msg) = rig.refusal(&batch_frame(h.to_string().as_bytes(), &gz(NDJSON)));
+        assert_eq!(code, ErrorCode::ProtocolViolation, "{what} {h}: {msg}");
+        assert!(
+            msg.contains("is not <period>.json.gz") || msg.contains("item:"),
+            "{msg}"
+        );
+    }
     rig.finish(64);
 }
 
