@@ -209,8 +209,20 @@ impl Ca {
     /// A CRL (PEM) signed by this CA revoking `certs`, valid from an hour ago for 30
     /// days.
     pub fn revoke(&self, certs: &[&CertificateDer<'_>]) -> anyhow::Result<String> {
+        let now = SystemTime::now();
+        self.revoke_until(certs, now + Duration::from_secs(30 * 24 * 3600))
+    }
+
+    /// Like [`Ca::revoke`] with the CRL's nextUpdate at `next_update` (in the past for
+    /// an expired CRL).
+    pub fn revoke_until(
+        &self,
+        certs: &[&CertificateDer<'_>],
+        next_update: SystemTime,
+    ) -> anyhow::Result<String> {
         let mut revoked = Vec::new();
         let now = SystemTime::now();
+        let this_update = (now - BACKDATE).min(next_update - Duration::from_secs(3600));
         for der in certs {
             let (_, cert) =
                 x509_parser::parse_x509_certificate(der).context("cannot parse certificate")?;
@@ -222,8 +234,8 @@ impl Ca {
             });
         }
         let params = rcgen::CertificateRevocationListParams {
-            this_update: (now - BACKDATE).into(),
-            next_update: (now + Duration::from_secs(30 * 24 * 3600)).into(),
+            this_update: this_update.into(),
+            next_update: next_update.into(),
             crl_number: rcgen::SerialNumber::from_slice(&[1]),
             issuing_distribution_point: None,
             revoked_certs: revoked,

@@ -220,6 +220,13 @@ impl BatchHeader {
         }
         if let Some(item) = &self.item {
             component("item", item.key())?;
+            // Checked here, not only at the store: a bad name is the sender's fault for
+            // good, and must not come back as a "retry later" error the agent obeys forever.
+            if let crate::batch::Item::IntelChunk { name, .. } = item
+                && !crate::intel::valid_item_name(name)
+            {
+                return Err(format!("intel item name {name:?} is not <period>.json.gz"));
+            }
             if let Some((offset, total, sha256)) = item.chunk() {
                 if offset > total {
                     return Err(format!("chunk offset {offset} beyond total {total}"));
@@ -553,6 +560,14 @@ fn decode_body(ty: FrameType, body: Bytes, limits: &Limits) -> Result<Frame, Pro
     Ok(match ty {
         FrameType::Hello => {
             let hello: Hello = from_json(ty, &body)?;
+            // The relay logs this string: a newline in it would forge log lines.
+            if hello.agent_version.len() > 128 || hello.agent_version.chars().any(char::is_control)
+            {
+                return Err(bad(
+                    ty,
+                    "agent_version is longer than 128 bytes or holds a control character",
+                ));
+            }
             for s in &hello.streams {
                 crate::tls::validate_identity(s).map_err(|e| bad(ty, format!("stream: {e}")))?;
             }

@@ -224,6 +224,8 @@ pub fn server_config_with(
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
         .with_crls(crls)
+        // Fail closed: a CRL past its nextUpdate no longer says who is revoked.
+        .enforce_revocation_expiration()
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let chain = load_certs(&files.cert)?;
@@ -489,6 +491,12 @@ fn explain_cert(c: &CertificateError) -> String {
         }
         CertificateError::Revoked => {
             "the peer's certificate has been revoked (listed in a CRL)".to_owned()
+        }
+        CertificateError::ExpiredRevocationList
+        | CertificateError::ExpiredRevocationListContext { .. } => {
+            "the CRL configured here has expired (past its nextUpdate), so no client can be \
+             checked: install a fresh CRL and reload"
+                .to_owned()
         }
         CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
             "the peer's certificate is not issued for this use (wrong extended key usage: \

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -523,4 +524,117 @@ pub fn writer(
         }
         all
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// Hostile-peer helpers: a raw TLS client, memory readings, and a witness agent
+// ---------------------------------------------------------------------------------------
+
+/// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`, ...).
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+pub fn client_config(
+    pki: &Pki,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    soclink::tls::client_config(&pki.ca(), cert, key).unwrap()
+}
+
+/// Connect with TLS as `cfg` and say Hello; returns the stream after the relay's
+/// HelloAck, or the error text (TLS 1.3 client-auth failures surface on the first read).
+pub async fn tls_connect(
+    addr: &str,
+    cfg: std::sync::Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let c = tokio_rustls::TlsConnector::from(cfg);
+    let mut s = c
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .map_err(|e| soclink::tls::explain(&e))?;
+    let hello = soclink::protocol::Frame::Hello(soclink::protocol::Hello {
+        versions: vec![1],
+        agent_version: "test".into(),
+        streams: vec!["logs".into()],
+    });
+    soclink::protocol::write_frame(&mut s, &hello)
+        .await
+        .map_err(|e| e.to_string())?;
+    match soclink::protocol::read_frame(&mut s, &Default::default()).await {
+        Ok(soclink::protocol::Frame::HelloAck(_)) => Ok(s),
+        Ok(other) => Err(format!("unexpected {other:?}")),
+        Err(soclink::protocol::ProtocolError::Io(e)) => Err(soclink::tls::explain(&e)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// An agent that keeps writing and must keep delivering while hostile things happen.
+pub struct Witness {
+    pub agent: AgentProc,
+    pub log: std::path::PathBuf,
+    pub written: Vec<Vec<u8>>,
+}
+
+impl Witness {
+    pub fn start(dir: &std::path::Path, pki: &Pki, relay: &RelayProc) -> Witness {
+        let adir = dir.join("witness");
+        std::fs::create_dir_all(&adir).unwrap();
+        let log = adir.join("w.log");
+        let mut agent = AgentProc::new(
+            &adir,
+            &file_source("w", &[&log], ""),
+            &upstream_toml(pki, &relay.address(), "witness"),
+        );
+        agent.start();
+        Witness {
+            agent,
+            log,
+            written: Vec::new(),
+        }
+    }
+    pub fn write(&mut self, n: usize) {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        for _ in 0..n {
+            let l = line("witness", self.written.len() as u64);
+            writeln!(f, "{l}").unwrap();
+            self.written.push(l.into_bytes());
+        }
+    }
+    pub fn check(&self, relay: &RelayProc) {
+        let want = self.written.len();
+        let evs = wait_store(
+            relay,
+            "witness",
+            Duration::from_secs(60),
+            "the witness agent's lines",
+            |e| e.len() >= want,
+        );
+        assert_exactly_once(&evs, &self.written);
+    }
 }
