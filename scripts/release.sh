@@ -43,7 +43,7 @@ fi
 if cargo cyclonedx --version >/dev/null 2>&1; then
     # Runtime dependencies of the shipped binary, for this host's target only.
     cargo cyclonedx --format json --spec-version 1.5 --no-build-deps \
-        --target "$(rustc -vV | sed -n 's/^host: //p')" --override-filename soclink.cdx >/dev/null
+        --target "$(rustc -vV | sed -n 's/^host: //p')" >/dev/null
     mv soclink.cdx.json "$dist/"
 else
     echo "WARNING: cargo-cyclonedx is not installed (cargo install --locked cargo-cyclonedx): no SBOM in dist/" >&2
