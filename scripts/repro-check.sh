@@ -2,7 +2,7 @@
 # Reproducible-build check: exports the committed tree (HEAD) twice, into two temporary
 # directories of different names and depths, builds each with scripts/release.sh and its
 # own target dir, and compares the SHA-256 of the binaries and of the .deb packages
-# (the SBOM is not compared: it carries a timestamp and a random serial number).
+# (not the SBOM: cargo-cyclonedx writes the build directory into its bom-refs).
 # Exit 0 only if they are equal.
 # Takes two full release builds (several minutes). Set KEEP=1 to keep the directories.
 set -euo pipefail
