@@ -1,6 +1,8 @@
 //! The `soclink` command line: parse arguments, set up logging, call the library.
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
