@@ -850,7 +850,33 @@ pub fn control_request(data: &[u8]) {
         assert_eq!(req.get("cmd").and_then(|c| c.as_str()), Some(cmd));
         let _ = unknown_command(cmd, &["status", "reload"]);
         let text = serde_json::to_vec(&req).expect("a Value serialises");
-        assert_eq!(parse_request(&text).as_ref(), Ok(&req));
+        let back = parse_request(&text).expect("a serialised request parses");
+        assert!(same_json(&back, &req), "{back} != {req}");
+    }
+}
+
+/// Equal JSON, except that floats may differ in their last bits: serde_json's fast
+/// float parsing is not exactly round-trip (a regression input has 1.8446744073709442e27
+/// come back as ...944e27), which is not a property of ours.
+fn same_json(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
+            let (x, y) = (
+                x.as_f64().unwrap_or(f64::NAN),
+                y.as_f64().unwrap_or(f64::NAN),
+            );
+            x == y || (x - y).abs() <= 1e-12 * x.abs().max(y.abs())
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same_json(p, q))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w)))
+        }
+        _ => a == b,
     }
 }
 

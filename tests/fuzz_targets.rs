@@ -6,8 +6,10 @@
 //! corpus files, length-field and number tweaks) for `SOCLINK_FUZZ_SECS` seconds
 //! (default 10) per target. All targets run their loops at the same time, one thread
 //! each, so the default run costs about 10 s of wall time whatever the number of
-//! targets (each target gets its share of the 2 cores CI has). `SOCLINK_FUZZ_SEED`
-//! repeats a run; `SOCLINK_FUZZ_TARGET` restricts the loop to one target.
+//! targets (each target gets its share of the 2 cores CI has). The default seed is
+//! fixed (CI repeats the same exploration); `SOCLINK_FUZZ_SEED=<n>` repeats a run and
+//! `SOCLINK_FUZZ_SEED=random` explores new inputs; `SOCLINK_FUZZ_TARGET` restricts the
+//! loop to one target.
 //!
 //! A panicking input is reported with its target, its hex, and a file under the temp
 //! dir; copy that file to `fuzz/regressions/<target>/<what-it-was>` to replay it
@@ -324,8 +326,14 @@ fn mutational_loop_all_targets() {
         .unwrap_or(10.0);
     let seed: u64 = std::env::var("SOCLINK_FUZZ_SEED")
         .ok()
-        .map(|s| s.parse().expect("SOCLINK_FUZZ_SEED is a u64"))
-        .unwrap_or_else(|| {
+        .map(|s| match s.as_str() {
+            "random" => Err(()),
+            s => Ok(s.parse().expect("SOCLINK_FUZZ_SEED is a u64 or \"random\"")),
+        })
+        // A fixed default, so CI explores the same inputs every run (a failure there
+        // replays here); `SOCLINK_FUZZ_SEED=random` explores new ones.
+        .unwrap_or(Ok(0x5eed_50c1_1c4b))
+        .unwrap_or_else(|()| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64)
