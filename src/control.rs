@@ -105,6 +105,15 @@ pub async fn request(path: &Path, req: &Value) -> Result<Value, ControlError> {
     }
 }
 
+/// [`request`] from synchronous CLI code, on a small runtime of its own.
+pub fn request_blocking(path: &Path, req: &Value) -> Result<Value, ControlError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ControlError::Protocol(format!("cannot start the async runtime: {e}")))?;
+    rt.block_on(request(path, req))
+}
+
 async fn exchange(path: &Path, req: &Value) -> Result<Value, ControlError> {
     let mut stream = UnixStream::connect(path)
         .await

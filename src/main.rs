@@ -516,14 +516,8 @@ fn bench_compress(file: &std::path::Path, level: u32, batch_bytes: usize) -> Res
 /// Whether the agent answers on its control socket, and since when its upstream link
 /// is down (None: up, unknown, or no upstream).
 fn agent_link(socket: &std::path::Path) -> (bool, Option<std::time::SystemTime>) {
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    else {
-        return (false, None);
-    };
     let req = serde_json::json!({"cmd": "status"});
-    match rt.block_on(soclink::control::request(socket, &req)) {
+    match soclink::control::request_blocking(socket, &req) {
         Ok(v) => {
             let down = serde_json::from_value::<soclink::status::Status>(v)
                 .ok()

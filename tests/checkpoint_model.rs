@@ -116,6 +116,29 @@ fn lines_of(payload: &[u8]) -> (u64, u64) {
     (a.parse().unwrap(), b.parse().unwrap())
 }
 
+/// The relay takes up to `max` durable batches after its position, in order, and
+/// acknowledges each; a seq it has seen must come back with the same lines.
+fn deliver(
+    a: &Agent,
+    store: &mut BTreeMap<u64, (u64, u64)>,
+    relay_pos: &mut u64,
+    max: usize,
+) -> Result<(), TestCaseError> {
+    for _ in 0..max {
+        let Some(r) = a.spool.read(*relay_pos + 1).unwrap() else {
+            break;
+        };
+        let got = lines_of(&r.payload);
+        if let Some(seen) = store.get(&r.seq) {
+            prop_assert_eq!(*seen, got, "seq {} reused for other lines", r.seq);
+        }
+        store.insert(r.seq, got);
+        *relay_pos = r.seq;
+        a.spool.ack(r.seq).unwrap();
+    }
+    Ok(())
+}
+
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let fs = SimFs::new();
     let root = PathBuf::from("/state");
@@ -165,20 +188,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 a.ck.store_with(&fs, &ck_path).unwrap();
                 a.spool.set_checkpointed(a.ck.spool_seq).unwrap();
             }
-            Op::Deliver(k) => {
-                for _ in 0..k {
-                    let Some(r) = a.spool.read(relay_pos + 1).unwrap() else {
-                        break;
-                    };
-                    let got = lines_of(&r.payload);
-                    if let Some(seen) = store.get(&r.seq) {
-                        prop_assert_eq!(*seen, got, "seq {} reused for other lines", r.seq);
-                    }
-                    store.insert(r.seq, got);
-                    relay_pos = r.seq;
-                    a.spool.ack(r.seq).unwrap();
-                }
-            }
+            Op::Deliver(k) => deliver(&a, &mut store, &mut relay_pos, k as usize)?,
             Op::Crash { torn, seed } => {
                 let (durable, read) = (a.durable_lines, a.read);
                 drop(a);
@@ -206,15 +216,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         a.ck.apply(SOURCE, &cursor(last));
         a.ck.spool_seq = seq;
     }
-    while let Some(r) = a.spool.read(relay_pos + 1).unwrap() {
-        let got = lines_of(&r.payload);
-        if let Some(seen) = store.get(&r.seq) {
-            prop_assert_eq!(*seen, got, "seq {} reused for other lines", r.seq);
-        }
-        store.insert(r.seq, got);
-        relay_pos = r.seq;
-        a.spool.ack(r.seq).unwrap();
-    }
+    deliver(&a, &mut store, &mut relay_pos, usize::MAX)?;
     // Every line read is at the relay exactly once, in order.
     let mut next = 1;
     for (seq, (first, last)) in &store {

@@ -99,18 +99,8 @@ pub fn run_now_cli(
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("soclink: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
     let req = serde_json::json!({"cmd": "intel_run_now"});
-    match rt.block_on(crate::control::request(&socket, &req)) {
+    match crate::control::request_blocking(&socket, &req) {
         Ok(v) => {
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
