@@ -116,32 +116,66 @@ fn store_chunk(
         )));
     };
     // The last chunk: the whole file must hash right and verify member by member.
-    let reason = if len != total {
-        Some(format!("bundle is {len} bytes, expected {total}"))
-    } else {
-        match file_sha256(&part) {
-            Ok(h) if h == sha256 => verify(&part).err(),
-            Ok(h) => Some(format!(
-                "bundle SHA-256 is {h}, the agent announced {sha256}"
-            )),
-            Err(e) => Some(format!("cannot read the bundle back: {e}")),
-        }
-    };
-    match reason {
+    let why = settle_whole(
+        &part,
+        len,
+        total,
+        sha256,
+        "bundle",
+        verify,
+        &fin,
+        &dir.join("bundle.tar.gz.rejected"),
+        &dir.join("bundle.rejected.txt"),
+    )?;
+    match why {
         None => {
-            fs::rename(&part, &fin).map_err(|e| e.to_string())?;
             if let Ok(m) = extract_manifest(&fin) {
                 let _ = write_atomic(&dir.join("manifest.json"), &m);
             }
-            sync_dir(dir).map_err(|e| e.to_string())?;
             Ok(Outcome::BundleComplete(fin))
         }
+        Some(why) => Ok(Outcome::BundleRejected(why)),
+    }
+}
+
+/// A file that arrived whole in `part` (`len` bytes): checked for its length, its
+/// SHA-256 and then by `check`, and renamed to `fin`; or, refused, set aside as
+/// `rejected` with the reason in `reason_file`, never presented as accepted. Returns
+/// the reason when refused.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn settle_whole(
+    part: &Path,
+    len: u64,
+    total: u64,
+    sha256: &str,
+    what: &str,
+    check: impl FnOnce(&Path) -> Result<(), String>,
+    fin: &Path,
+    rejected: &Path,
+    reason_file: &Path,
+) -> Result<Option<String>, String> {
+    let reason = if len != total {
+        Some(format!("{what} is {len} bytes, expected {total}"))
+    } else {
+        match file_sha256(part) {
+            Ok(h) if h == sha256 => check(part).err(),
+            Ok(h) => Some(format!(
+                "{what} SHA-256 is {h}, the agent announced {sha256}"
+            )),
+            Err(e) => Some(format!("cannot read the {what} back: {e}")),
+        }
+    };
+    let dir = part.parent().unwrap_or(Path::new("."));
+    match reason {
+        None => {
+            fs::rename(part, fin).map_err(|e| e.to_string())?;
+            sync_dir(dir).map_err(|e| e.to_string())?;
+            Ok(None)
+        }
         Some(why) => {
-            let rejected = dir.join("bundle.tar.gz.rejected");
-            fs::rename(&part, &rejected).map_err(|e| e.to_string())?;
-            write_atomic(&dir.join("bundle.rejected.txt"), why.as_bytes())
-                .map_err(|e| e.to_string())?;
-            Ok(Outcome::BundleRejected(why))
+            fs::rename(part, rejected).map_err(|e| e.to_string())?;
+            write_atomic(reason_file, why.as_bytes()).map_err(|e| e.to_string())?;
+            Ok(Some(why))
         }
     }
 }

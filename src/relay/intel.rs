@@ -14,8 +14,8 @@
 use std::fs;
 use std::path::Path;
 
-use super::incidents::{Outcome, file_sha256, write_chunk};
-use crate::util::{create_dir_all_durable, sync_dir, write_atomic};
+use super::incidents::{Outcome, settle_whole, write_chunk};
+use crate::util::create_dir_all_durable;
 
 /// The most record bytes an item may announce (the agent's `max_upload_size` ≤ 4 GiB).
 const MAX_RECORDS_BYTES: u64 = 4 << 30;
@@ -51,32 +51,22 @@ pub fn store_chunk(
             "intel item {name} chunk at {offset} of {total}"
         )));
     };
-    let reason = if len != total {
-        Some(format!("item is {len} bytes, expected {total}"))
-    } else {
-        match file_sha256(&part) {
-            Ok(h) if h == sha256 => fs::File::open(&part)
-                .map_err(|e| e.to_string())
-                .and_then(|f| {
-                    crate::intel::item::verify(std::io::BufReader::new(f), MAX_RECORDS_BYTES)
-                })
-                .err(),
-            Ok(h) => Some(format!("item SHA-256 is {h}, the agent announced {sha256}")),
-            Err(e) => Some(format!("cannot read the item back: {e}")),
-        }
-    };
-    match reason {
-        None => {
-            fs::rename(&part, &fin).map_err(|e| e.to_string())?;
-            sync_dir(&dir).map_err(|e| e.to_string())?;
-            Ok(Outcome::IntelComplete(fin))
-        }
-        Some(why) => {
-            let rejected = dir.join(format!("{name}.rejected"));
-            fs::rename(&part, &rejected).map_err(|e| e.to_string())?;
-            write_atomic(&dir.join(format!("{name}.rejected.txt")), why.as_bytes())
-                .map_err(|e| e.to_string())?;
-            Ok(Outcome::IntelRejected(why))
-        }
-    }
+    let why = settle_whole(
+        &part,
+        len,
+        total,
+        sha256,
+        "item",
+        |p| {
+            let f = fs::File::open(p).map_err(|e| e.to_string())?;
+            crate::intel::item::verify(std::io::BufReader::new(f), MAX_RECORDS_BYTES).map(|_| ())
+        },
+        &fin,
+        &dir.join(format!("{name}.rejected")),
+        &dir.join(format!("{name}.rejected.txt")),
+    )?;
+    Ok(match why {
+        None => Outcome::IntelComplete(fin),
+        Some(why) => Outcome::IntelRejected(why),
+    })
 }
