@@ -12,7 +12,6 @@ mod common;
 mod fault_proxy;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -285,64 +284,6 @@ fn link_partitioned() {
 // ---------------------------------------------------------------------------------------
 // Disk full: a small tmpfs as the agent's state_dir or the relay's store_dir
 // ---------------------------------------------------------------------------------------
-
-/// A tmpfs mounted for one test, unmounted (lazily, so a straggler cannot block it)
-/// when dropped.
-struct Tmpfs {
-    path: PathBuf,
-}
-
-impl Tmpfs {
-    /// Needs root (CI runs as root); any failure is a reason to skip, not to fail.
-    fn mount(path: &Path, size: &str) -> Result<Tmpfs, String> {
-        let uid = Command::new("id")
-            .arg("-u")
-            .output()
-            .map_err(|e| format!("id -u: {e}"))?;
-        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-            return Err("not root: cannot mount a tmpfs".into());
-        }
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .output()
-            .map_err(|e| format!("mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "mount -t tmpfs failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(Tmpfs {
-            path: path.to_path_buf(),
-        })
-    }
-
-    /// Take every free byte with a filler file; deleting it frees the space again.
-    fn fill(&self) -> PathBuf {
-        use std::io::Write;
-        let p = self.path.join("filler");
-        let mut f = std::fs::File::create(&p).unwrap();
-        let chunk = vec![0x5au8; 64 << 10];
-        loop {
-            match f.write(&chunk) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
-                Err(e) => panic!("filling {}: {e}", p.display()),
-            }
-        }
-        // Byte-sized leftovers too: the smallest write must fail.
-        while matches!(f.write(&chunk[..1]), Ok(1)) {}
-        p
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
 
 fn wait_log(what: &str, timeout: Duration, log: impl Fn() -> String, pred: impl Fn(&str) -> bool) {
     let t0 = Instant::now();

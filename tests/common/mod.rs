@@ -638,3 +638,65 @@ impl Witness {
         assert_exactly_once(&evs, &self.written);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Disk full
+// ---------------------------------------------------------------------------------------
+
+/// A tmpfs mounted for one test, unmounted (lazily, so a straggler cannot block it)
+/// when dropped.
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Needs root (CI runs as root); any failure is a reason to skip, not to fail.
+    pub fn mount(path: &Path, size: &str) -> Result<Tmpfs, String> {
+        let uid = Command::new("id")
+            .arg("-u")
+            .output()
+            .map_err(|e| format!("id -u: {e}"))?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            return Err("not root: cannot mount a tmpfs".into());
+        }
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount -t tmpfs failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Tmpfs {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Take every free byte with a filler file; deleting it frees the space again.
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let p = self.path.join("filler");
+        let mut f = std::fs::File::create(&p).unwrap();
+        let chunk = vec![0x5au8; 64 << 10];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
+                Err(e) => panic!("filling {}: {e}", p.display()),
+            }
+        }
+        // Byte-sized leftovers too: the smallest write must fail.
+        while matches!(f.write(&chunk[..1]), Ok(1)) {}
+        p
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}

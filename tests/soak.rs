@@ -1,0 +1,415 @@
+//! The soak: one agent and one relay, real processes over real mutual TLS through the
+//! fault proxy, for a long time while everything that happens to a production host
+//! happens on a schedule: the log file rotates every 30 s (renamed, ten generations
+//! kept, matched by the glob), the relay restarts every 5 min (alternately SIGTERM and
+//! SIGKILL), the link is partitioned for 60 s once, and the agent's disk fills up once
+//! for 60 s. At the end every line written must be in the store exactly once, byte
+//! for byte, and the agent's memory must be flat: its peak RSS after the first 10
+//! minutes within +10 % of its peak during them.
+//!
+//! `SOCLINK_SOAK=1` runs the full 60 minutes; `SOCLINK_SOAK_MINUTES=<m>` any other
+//! length (every interval scales with it). The default CI run is the same schedule
+//! compressed into one minute (memory is then reported, not judged: a minute has no
+//! steady state). `SOCLINK_SOAK_RATE=<lines/s>` sets the writer (default 2,000).
+
+mod common;
+mod fault_proxy;
+
+use std::io::{BufRead, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use fault_proxy::{FaultProxy, Mode};
+
+const TAG: &str = "soak";
+/// Rotated generations kept (`app.log.1` .. `app.log.10`): at 30 s per rotation a file
+/// lives 5 min after its rotation, far longer than the 60 s the agent is paused.
+const KEEP: u32 = 10;
+
+/// The schedule, scaled from the 60-minute original.
+struct Plan {
+    total: Duration,
+    rotate_every: Duration,
+    restart_every: Duration,
+    partition_at: Duration,
+    partition_len: Duration,
+    full_at: Duration,
+    full_len: Duration,
+    sample_every: Duration,
+    /// Memory is judged against the peak seen during this first stretch.
+    baseline: Duration,
+    judge_memory: bool,
+}
+
+fn plan() -> Plan {
+    let minutes: f64 = std::env::var("SOCLINK_SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(if std::env::var("SOCLINK_SOAK").is_ok_and(|v| v == "1") {
+            60.0
+        } else {
+            1.0
+        });
+    let s = minutes / 60.0;
+    let d = |secs: f64, floor: f64| Duration::from_secs_f64((secs * s).max(floor));
+    let total = d(3600.0, 30.0);
+    Plan {
+        total,
+        rotate_every: d(30.0, 1.5),
+        restart_every: d(300.0, 8.0),
+        partition_at: total.mul_f64(0.35),
+        partition_len: d(60.0, 4.0),
+        full_at: total.mul_f64(0.65),
+        full_len: d(60.0, 4.0),
+        sample_every: d(10.0, 0.5),
+        baseline: d(600.0, 5.0),
+        judge_memory: minutes >= 30.0,
+    }
+}
+
+/// Appends numbered lines at `rate` lines/s and rotates the file every `rotate_every`;
+/// returns how many lines it wrote (line `n` is `line(TAG, n)`).
+fn rotating_writer(
+    log: PathBuf,
+    rate: u64,
+    rotate_every: Duration,
+    stop: Arc<AtomicBool>,
+    rotations: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let per_tick = (rate / 100).max(1);
+        let mut n = 0u64;
+        let mut next_rotation = Instant::now() + rotate_every;
+        let mut buf = String::new();
+        while !stop.load(Ordering::Relaxed) {
+            if Instant::now() >= next_rotation {
+                rotate(&log);
+                rotations.fetch_add(1, Ordering::Relaxed);
+                next_rotation += rotate_every;
+            }
+            buf.clear();
+            for i in n..n + per_tick {
+                buf.push_str(&line(TAG, i));
+                buf.push('\n');
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .unwrap();
+            f.write_all(buf.as_bytes()).unwrap();
+            n += per_tick;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        n
+    })
+}
+
+/// logrotate's default: shift the generations, rename the live file; the writer
+/// creates a new one on its next append.
+fn rotate(log: &Path) {
+    let gen_path = |k: u32| PathBuf::from(format!("{}.{k}", log.display()));
+    let _ = std::fs::remove_file(gen_path(KEEP));
+    for k in (1..KEEP).rev() {
+        let _ = std::fs::rename(gen_path(k), gen_path(k + 1));
+    }
+    std::fs::rename(log, gen_path(1)).unwrap();
+}
+
+fn status_json(agent: &AgentProc) -> Option<serde_json::Value> {
+    let out = Command::new(bin())
+        .args(["status", "--json", "-c"])
+        .arg(&agent.config)
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Lines the agent has read and whether its spool is drained (all acknowledged).
+fn agent_progress(agent: &AgentProc) -> Option<(u64, u64)> {
+    let s = status_json(agent)?;
+    let lines = s["sources"]
+        .as_array()?
+        .iter()
+        .map(|s| s["lines"].as_u64().unwrap_or(0))
+        .sum();
+    Some((lines, s["spool"]["depth_batches"].as_u64()?))
+}
+
+/// Every stored line of the agent, checked in one streaming pass: each must be
+/// `line(TAG, n)` for some `n < written`, byte for byte. Returns how often each `n`
+/// was stored, plus the first few lines that were not a written line at all.
+fn scan_store(dir: &Path, written: u64) -> (Vec<u8>, Vec<String>) {
+    let mut seen = vec![0u8; written as usize];
+    let mut alien = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            if !p.to_string_lossy().ends_with(".ndjson.gz") {
+                continue;
+            }
+            let rd = std::io::BufReader::new(flate2::read::MultiGzDecoder::new(
+                std::fs::File::open(&p).unwrap(),
+            ));
+            for l in rd.lines() {
+                let l = l.unwrap_or_else(|e| panic!("{} does not inflate: {e}", p.display()));
+                let ev: serde_json::Value = serde_json::from_str(&l).unwrap();
+                let msg = message(&ev);
+                let n = std::str::from_utf8(&msg)
+                    .ok()
+                    .and_then(|m| m.split(&format!("id={TAG}-")).nth(1))
+                    .and_then(|r| r.split(' ').next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .filter(|&n| n < written && line(TAG, n).as_bytes() == msg.as_slice());
+                match n {
+                    Some(n) => seen[n as usize] = seen[n as usize].saturating_add(1),
+                    None if alien.len() < 5 => alien.push(String::from_utf8_lossy(&msg).into()),
+                    None => {}
+                }
+            }
+        }
+    }
+    (seen, alien)
+}
+
+#[derive(Default)]
+struct Memory {
+    baseline_peak: u64,
+    later_peak: u64,
+    samples: Vec<(f64, u64)>,
+}
+
+#[test]
+fn soak_rotation_restarts_partition_disk_full() {
+    let plan = plan();
+    let rate: u64 = std::env::var("SOCLINK_SOAK_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(2000);
+    eprintln!(
+        "soak: {:.0}s, {rate} lines/s, rotation every {:.1}s, relay restart every {:.0}s, \
+         partition {:.0}s at {:.0}s, disk full {:.0}s at {:.0}s",
+        plan.total.as_secs_f64(),
+        plan.rotate_every.as_secs_f64(),
+        plan.restart_every.as_secs_f64(),
+        plan.partition_len.as_secs_f64(),
+        plan.partition_at.as_secs_f64(),
+        plan.full_len.as_secs_f64(),
+        plan.full_at.as_secs_f64(),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let mut relay = RelayProc::new(dir.path(), &pki, "relay", "");
+    relay.start();
+    let proxy = FaultProxy::start(&relay.address());
+    let adir = dir.path().join("agent");
+    std::fs::create_dir_all(adir.join("state")).unwrap();
+    // The disk-full phase needs a small filesystem of its own (root, as in CI).
+    let tmpfs = match Tmpfs::mount(&adir.join("state"), "64m") {
+        Ok(t) => Some(t),
+        Err(why) => {
+            eprintln!("soak: no disk-full phase: {why}");
+            None
+        }
+    };
+    let log = dir.path().join("app.log");
+    let glob = dir.path().join("app.log*");
+    let mut agent = AgentProc::new(
+        &adir,
+        &file_source("app", &[&glob], ""),
+        &upstream_toml(&pki, &proxy.address(), TAG),
+    );
+    let cfg = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        cfg.replace("[spool]\n", "[spool]\nmax_size = \"32MiB\"\n"),
+    )
+    .unwrap();
+    agent.start();
+    let agent_pid = agent.child.as_ref().unwrap().id();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let rotations = Arc::new(AtomicU64::new(0));
+    let writer = rotating_writer(
+        log.clone(),
+        rate,
+        plan.rotate_every,
+        stop.clone(),
+        rotations.clone(),
+    );
+
+    let t0 = Instant::now();
+    let mut next_restart = plan.restart_every;
+    let mut next_sample = Duration::ZERO;
+    let mut next_report = Duration::from_secs(60);
+    let (mut restarts, mut kills) = (0u32, 0u32);
+    let mut partitioned: Option<Instant> = None;
+    let mut partition_done = false;
+    let mut filler: Option<PathBuf> = None;
+    let mut full_done = tmpfs.is_none();
+    let mut mem = Memory::default();
+    let mut relay_peak = 0u64;
+    loop {
+        let now = t0.elapsed();
+        if now >= plan.total {
+            break;
+        }
+        if now >= next_sample {
+            let rss = rss_kib(agent_pid);
+            mem.samples.push((now.as_secs_f64(), rss));
+            if now < plan.baseline {
+                mem.baseline_peak = mem.baseline_peak.max(rss);
+            } else {
+                mem.later_peak = mem.later_peak.max(rss);
+            }
+            if relay.child.is_some() {
+                relay_peak = relay_peak.max(rss_kib(relay.pid()));
+            }
+            next_sample += plan.sample_every;
+        }
+        if now >= next_restart {
+            // Alternate a clean restart and a crash.
+            if restarts.is_multiple_of(2) {
+                relay.stop();
+            } else {
+                relay.kill9();
+                kills += 1;
+            }
+            restarts += 1;
+            std::thread::sleep(Duration::from_secs(1));
+            relay.start();
+            next_restart += plan.restart_every;
+        }
+        if !partition_done && partitioned.is_none() && now >= plan.partition_at {
+            eprintln!("soak {:.0}s: partition", now.as_secs_f64());
+            proxy.set(Mode::Partition);
+            partitioned = Some(Instant::now());
+        }
+        if let Some(p) = partitioned
+            && p.elapsed() >= plan.partition_len
+        {
+            proxy.set(Mode::Pass);
+            partitioned = None;
+            partition_done = true;
+            eprintln!("soak {:.0}s: partition healed", now.as_secs_f64());
+        }
+        if !full_done && filler.is_none() && now >= plan.full_at {
+            eprintln!("soak {:.0}s: disk full", now.as_secs_f64());
+            filler = Some(tmpfs.as_ref().unwrap().fill());
+        }
+        if filler.is_some() && now >= plan.full_at + plan.full_len {
+            std::fs::remove_file(filler.take().unwrap()).unwrap();
+            full_done = true;
+            eprintln!("soak {:.0}s: disk has room again", now.as_secs_f64());
+        }
+        if now >= next_report {
+            let (lines, depth) = agent_progress(&agent).unwrap_or_default();
+            eprintln!(
+                "soak {:.0}s: agent read {lines} lines, {depth} batches unacknowledged, \
+                 RSS {} KiB, {} rotations, {restarts} relay restarts",
+                now.as_secs_f64(),
+                rss_kib(agent_pid),
+                rotations.load(Ordering::Relaxed),
+            );
+            next_report += Duration::from_secs(60);
+        }
+        let child = agent.child.as_mut().unwrap();
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the agent exited during the soak; log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if let Some(f) = filler.take() {
+        std::fs::remove_file(f).unwrap();
+    }
+    proxy.set(Mode::Pass);
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    let ran = t0.elapsed();
+
+    // Drain: the agent has read every line and the relay acknowledged every batch.
+    let t1 = Instant::now();
+    loop {
+        if let Some((lines, 0)) = agent_progress(&agent)
+            && lines >= written
+        {
+            break;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(300),
+            "not drained 300 s after the writer stopped: {:?} of {written}; agent log:\n{}",
+            agent_progress(&agent),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let drained = t1.elapsed();
+    assert_eq!(
+        agent.log().matches("the pipeline is paused").count(),
+        usize::from(tmpfs.is_some()),
+        "one pause, logged once"
+    );
+    agent.stop();
+    relay.stop();
+    let agent_log = agent.log();
+    drop(tmpfs);
+
+    let (seen, alien) = scan_store(&relay.store.join(TAG), written);
+    let missing: Vec<usize> = (0..seen.len()).filter(|&i| seen[i] == 0).collect();
+    let doubled: Vec<usize> = (0..seen.len()).filter(|&i| seen[i] > 1).collect();
+    let bytes: u64 = (0..written).map(|n| line(TAG, n).len() as u64 + 1).sum();
+    eprintln!(
+        "soak: {written} lines ({:.1} MB) in {:.0}s, {} rotations, {restarts} relay restarts \
+         ({kills} SIGKILL), drained {:.1}s after the writer stopped; {} missing, {} duplicated; \
+         agent RSS peak {} KiB in the first {:.0}s, {} KiB after; relay peak {} KiB",
+        bytes as f64 / 1e6,
+        ran.as_secs_f64(),
+        rotations.load(Ordering::Relaxed),
+        drained.as_secs_f64(),
+        missing.len(),
+        doubled.len(),
+        mem.baseline_peak,
+        plan.baseline.as_secs_f64(),
+        mem.later_peak,
+        relay_peak,
+    );
+    if std::env::var_os("SOCLINK_SOAK_RSS").is_some() {
+        for (t, kib) in &mem.samples {
+            eprintln!("rss {t:.0} {kib}");
+        }
+    }
+    assert!(
+        missing.is_empty() && doubled.is_empty() && alien.is_empty(),
+        "{} lines missing (first {:?}), {} stored more than once (first {:?}), unexpected: {alien:?}; agent log:\n{agent_log}",
+        missing.len(),
+        &missing[..missing.len().min(5)],
+        doubled.len(),
+        &doubled[..doubled.len().min(5)],
+    );
+    assert!(
+        rotations.load(Ordering::Relaxed) >= 10 && restarts >= 3,
+        "the schedule did not run"
+    );
+    if plan.judge_memory {
+        let limit = mem.baseline_peak + mem.baseline_peak / 10;
+        assert!(
+            mem.later_peak <= limit,
+            "agent memory grew: peak {} KiB after the first {:.0}s, {} KiB during them (limit {limit})",
+            mem.later_peak,
+            plan.baseline.as_secs_f64(),
+            mem.baseline_peak
+        );
+    }
+}
