@@ -363,7 +363,8 @@ fn check(fs: &SimFs, store: &Store, model: &Model) -> Result<(), TestCaseError> 
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 96,
+        // SOCLINK_MODEL_CASES raises it for a longer run.
+        cases: std::env::var("SOCLINK_MODEL_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(2000),
         failure_persistence: None,
         ..ProptestConfig::default()
     })]
