@@ -576,6 +576,7 @@ async fn write_stage(
     loop {
         // service: beat for the watchdog at least every second, also when idle.
         heartbeat.beat();
+        crate::pool::trim_idle();
         let first = tokio::select! {
             r = rx.recv() => r,
             _ = tokio::time::sleep(crate::service::HEARTBEAT_EVERY) => continue,

@@ -212,14 +212,17 @@ fn main() -> ExitCode {
 }
 
 /// The glibc malloc setting the agent runs with; see [`reexec_with_malloc_tunables`].
-const MALLOC_TUNABLES: &str = "glibc.malloc.mmap_threshold=131072";
+const MALLOC_TUNABLES: &str = "glibc.malloc.mmap_threshold=131072:glibc.malloc.arena_max=2";
 
 /// glibc raises its mmap threshold the first time a large block is freed (up to 32 MiB):
 /// from then on every 1 MiB batch buffer comes from a per-thread arena, and each arena
 /// keeps what was freed in it. Measured on the benchmark: an 18 MiB heap peak held 60 MiB
 /// RSS, about 5 MiB in each of ten arenas. A fixed threshold keeps blocks of 128 KiB and
 /// more in their own mappings, returned to the kernel when freed, at the cost of a page
-/// fault per 4 KiB of each new buffer (see bench/README.md). glibc reads the setting only
+/// fault per 4 KiB of each new buffer (see bench/README.md). Two arenas (one per core)
+/// instead of one per thread, up to 16: in the 60-minute soak each blocking thread the
+/// runtime added under a catch-up brought its own arena, +1 MiB of heap that stayed after
+/// the burst; with two, the heap stays flat. glibc reads the settings only
 /// at start-up and `mallopt` is out of reach without `unsafe`, so the agent re-executes
 /// itself once (same pid, same arguments) with `GLIBC_TUNABLES` extended. An operator's
 /// own `glibc.malloc.mmap_threshold` is left alone, and so is a non-glibc build.

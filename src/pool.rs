@@ -16,9 +16,40 @@ use flate2::{Compress, Compression, FlushCompress, Status};
 
 use crate::util::lock;
 
+/// A bounded stack of kept items that also remembers how many of them sat unused since
+/// the last trim: a burst (a catch-up after an outage, a full disk clearing) fills the
+/// pools, and without trimming that memory would stay held through the quiet hours after.
+struct Kept<T> {
+    items: Vec<T>,
+    /// Fewest items on the stack since the last trim: that many were never needed.
+    idle: usize,
+}
+
+impl<T> Kept<T> {
+    const fn new() -> Kept<T> {
+        Kept {
+            items: Vec::new(),
+            idle: 0,
+        }
+    }
+
+    fn pop(&mut self) -> Option<T> {
+        let item = self.items.pop();
+        self.idle = self.idle.min(self.items.len());
+        item
+    }
+
+    /// Free the items no one needed since the last trim; the next window starts now.
+    fn trim(&mut self) {
+        let keep = self.items.len() - self.idle.min(self.items.len());
+        self.items.truncate(keep);
+        self.idle = self.items.len();
+    }
+}
+
 /// A bounded stack of reusable byte buffers.
 pub struct BufPool {
-    free: Mutex<Vec<Vec<u8>>>,
+    free: Mutex<Kept<Vec<u8>>>,
     /// Most buffers kept; more are freed.
     keep: usize,
     /// Larger buffers (grown by an exceptional batch) are freed, not kept.
@@ -28,7 +59,7 @@ pub struct BufPool {
 impl BufPool {
     pub const fn new(keep: usize, max_capacity: usize) -> BufPool {
         BufPool {
-            free: Mutex::new(Vec::new()),
+            free: Mutex::new(Kept::new()),
             keep,
             max_capacity,
         }
@@ -53,15 +84,39 @@ impl BufPool {
         }
         v.clear();
         let mut free = lock(&self.free);
-        if free.len() < self.keep {
-            free.push(v);
+        if free.items.len() < self.keep {
+            free.items.push(v);
         }
     }
 
     /// Buffers currently kept, for tests.
     pub fn kept(&self) -> usize {
-        lock(&self.free).len()
+        lock(&self.free).items.len()
     }
+
+    fn trim(&self) {
+        lock(&self.free).trim();
+    }
+}
+
+/// How often the pools give back what a burst left in them.
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+static LAST_TRIM: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+
+/// Free pooled buffers and deflate states that went unused for a whole `TRIM_EVERY`;
+/// cheap enough to call on every pass of a loop (it acts at most every 30 s).
+pub fn trim_idle() {
+    let now = std::time::Instant::now();
+    {
+        let mut last = lock(&LAST_TRIM);
+        match *last {
+            Some(t) if now.duration_since(t) < TRIM_EVERY => return,
+            _ => *last = Some(now),
+        }
+    }
+    BATCHES.trim();
+    GZIP.trim();
+    lock(&DEFLATERS).trim();
 }
 
 /// Uncompressed batches (`batch_max_bytes`, 1 MiB by default): one is being filled by
@@ -72,7 +127,7 @@ pub static GZIP: BufPool = BufPool::new(4, 4 << 20);
 
 /// Deflate states kept for reuse, with their level (zlib-rs allocates about 300 KiB
 /// for each).
-static DEFLATERS: Mutex<Vec<(u32, Compress)>> = Mutex::new(Vec::new());
+static DEFLATERS: Mutex<Kept<(u32, Compress)>> = Mutex::new(Kept::new());
 const DEFLATERS_KEPT: usize = 4;
 
 /// Compress `raw` into one gzip member in `out` (cleared first): no name, zero mtime,
@@ -83,9 +138,12 @@ pub fn gzip_into(raw: &[u8], level: u32, mut out: Vec<u8>) -> Vec<u8> {
     let level = level.min(9);
     let reused = {
         let mut d = lock(&DEFLATERS);
-        d.iter()
-            .position(|(l, _)| *l == level)
-            .map(|i| d.swap_remove(i).1)
+        let found = d.items.iter().position(|(l, _)| *l == level).map(|i| {
+            // To the top, so that pop() takes it and counts it as used.
+            let last = d.items.len() - 1;
+            d.items.swap(i, last);
+        });
+        found.and_then(|()| d.pop()).map(|(_, z)| z)
     };
     let mut z = reused.unwrap_or_else(|| Compress::new(Compression::new(level), false));
     let xfl = match level {
@@ -129,8 +187,8 @@ pub fn gzip_into(raw: &[u8], level: u32, mut out: Vec<u8>) -> Vec<u8> {
     out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
     z.reset();
     let mut d = lock(&DEFLATERS);
-    if d.len() < DEFLATERS_KEPT {
-        d.push((level, z));
+    if d.items.len() < DEFLATERS_KEPT {
+        d.items.push((level, z));
     }
     out
 }
@@ -203,7 +261,7 @@ mod tests {
                 }
             }
         }
-        assert!(lock(&DEFLATERS).len() <= DEFLATERS_KEPT);
+        assert!(lock(&DEFLATERS).items.len() <= DEFLATERS_KEPT);
     }
 
     fn level_index(level: u32) -> usize {
@@ -224,5 +282,26 @@ mod tests {
         v.extend_from_slice(b"abc");
         pool.give(v);
         assert_eq!(pool.take(1).len(), 0);
+    }
+
+    #[test]
+    fn buffers_left_by_a_burst_are_freed_once_a_window_passes_without_them() {
+        let pool = BufPool::new(4, 1 << 20);
+        // A burst: four batches in flight at once, all returned.
+        let burst: Vec<_> = (0..4).map(|_| pool.take(1000)).collect();
+        burst.into_iter().for_each(|v| pool.give(v));
+        // The window that saw the burst needed every buffer: nothing is freed.
+        pool.trim();
+        assert_eq!(pool.kept(), 4);
+        // Steady traffic: one batch at a time.
+        for _ in 0..10 {
+            let v = pool.take(1000);
+            pool.give(v);
+        }
+        pool.trim();
+        assert_eq!(pool.kept(), 1, "the one buffer steady traffic uses stays");
+        // A window with no traffic at all frees the rest.
+        pool.trim();
+        assert_eq!(pool.kept(), 0);
     }
 }
