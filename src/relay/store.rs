@@ -1292,11 +1292,21 @@ pub(crate) fn parse_state(data: &[u8], path: &Path, agent: &str) -> Result<Agent
         .and_then(|r| r.strip_prefix(" crc32="))
         .and_then(|r| r.split_once(" len="))
         .ok_or_else(|| corrupt(path, "bad header (not a soclink store state v1)"))?;
+    // Exactly the digits the writer emits: a flipped bit that `from_str_radix` would
+    // still accept (an upper-case hex digit, a '+') is damage too.
+    let lower_hex =
+        |f: &str| f.len() == 8 && f.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let decimal = |f: &str| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit());
+    if !lower_hex(fields.0) {
+        return Err(corrupt(path, "bad CRC field"));
+    }
     let crc = u32::from_str_radix(fields.0, 16).map_err(|_| corrupt(path, "bad CRC field"))?;
     let len: usize = fields
         .1
         .parse()
-        .map_err(|_| corrupt(path, "bad length field"))?;
+        .ok()
+        .filter(|_| decimal(fields.1))
+        .ok_or_else(|| corrupt(path, "bad length field"))?;
     if body.len() != len {
         return Err(corrupt(
             path,
