@@ -168,20 +168,23 @@ impl Agent {
             }));
         }
         let ck_path = Checkpoints::path(&cfg.state_dir);
-        let mut checkpoints = match Checkpoints::load(&ck_path) {
-            Ok(c) => c,
-            Err(e) => {
-                let aside = ck_path.with_extension("json.corrupt");
-                let _ = std::fs::rename(&ck_path, &aside);
-                report.checkpoint_reset = Some(e.to_string());
-                report.quarantined.push("checkpoints.json.corrupt".into());
-                tracing::error!(
-                    "{e}; moved it to {} and starting without checkpoints (files are read again per start_at; the relay drops nothing it already has only if sequences match, so expect duplicates of recent lines)",
-                    aside.display()
-                );
-                Checkpoints::default()
-            }
-        };
+        let (mut checkpoints, reset) =
+            Checkpoints::load_or_quarantine(&crate::spool::fs::RealFs, &ck_path);
+        if let Some((e, aside)) = reset {
+            report.checkpoint_reset = Some(e.to_string());
+            let shown = aside
+                .as_deref()
+                .map_or("(could not be moved aside)".into(), |a| {
+                    a.strip_prefix(&cfg.state_dir)
+                        .unwrap_or(a)
+                        .display()
+                        .to_string()
+                });
+            report.quarantined.push(shown.clone());
+            tracing::error!(
+                "{e}; moved it to {shown} and starting without checkpoints (files are read again per start_at; the relay drops nothing it already has only if sequences match, so expect duplicates of recent lines)"
+            );
+        }
         let replayed = checkpoints.replay(&spool)?;
         if replayed > 0 {
             tracing::info!(

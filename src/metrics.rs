@@ -580,6 +580,7 @@ mod tests {
             ],
             upstream: None,
             spool: None,
+            recovery: Default::default(),
         };
         let t = to_text_004(&encode_relay(&st).unwrap());
         for want in [

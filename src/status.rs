@@ -150,6 +150,99 @@ pub struct RelayStatus {
     pub upstream: Option<LinkStatus>,
     /// The forwarding spool (`null` when the relay stores).
     pub spool: Option<SpoolStatus>,
+    /// What the store repaired or set aside at start, and agents whose dedupe was
+    /// reset (those stay listed for the store's prune period, across restarts).
+    #[serde(default)]
+    pub recovery: RelayRecoveryStatus,
+}
+
+/// Damage the relay's store found and handled (see `relay::store`, rules 3 and 5).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayRecoveryStatus {
+    /// Bytes of unacknowledged batches cut off store files at start (a crash).
+    pub cut_bytes: u64,
+    /// Store files missing or shorter than their acknowledged length at start.
+    pub damaged_files: Vec<String>,
+    /// Files moved aside at start (renamed `*.corrupt`), relative to `state_dir`.
+    pub quarantined: Vec<String>,
+    /// Agents whose dedupe state was corrupt and set aside.
+    pub dedupe_resets: Vec<DedupeResetStatus>,
+}
+
+impl RelayRecoveryStatus {
+    pub fn is_clean(&self) -> bool {
+        *self == RelayRecoveryStatus::default()
+    }
+
+    /// The start-time part, from what the store's open repaired.
+    pub fn from_store(r: &crate::relay::store::StoreRecovery, state_dir: &Path) -> Self {
+        let rel = |p: &Path| p.strip_prefix(state_dir).unwrap_or(p).display().to_string();
+        RelayRecoveryStatus {
+            cut_bytes: r
+                .truncated
+                .iter()
+                .map(|t| t.from.saturating_sub(t.to))
+                .sum(),
+            damaged_files: r
+                .missing
+                .iter()
+                .chain(r.short.iter().map(|t| &t.path))
+                .map(|p| p.display().to_string())
+                .collect(),
+            quarantined: r.quarantined.iter().map(|q| rel(&q.aside)).collect(),
+            dedupe_resets: Vec::new(),
+        }
+    }
+}
+
+/// An agent whose dedupe state was lost: batches it sends again that the relay had
+/// already stored are stored a second time. That can only happen for the batches that
+/// were in flight (unacknowledged) when the state was lost: per stream, `from` (the
+/// first seq stored after the reset) through `through`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupeResetStatus {
+    pub agent: String,
+    #[serde(with = "rfc3339")]
+    pub at: SystemTime,
+    pub reason: String,
+    /// The state file set aside, relative to `state_dir`.
+    pub quarantined: String,
+    /// False once every stream stored since the reset is past its window (streams
+    /// not sent since the reset are unknown to the relay: true while there are none).
+    pub duplicates_possible: bool,
+    pub streams: Vec<ResyncStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncStatus {
+    pub stream: String,
+    pub from: u64,
+    pub through: u64,
+    pub stored_seq: u64,
+}
+
+impl DedupeResetStatus {
+    fn from_store(r: crate::relay::store::DedupeReset) -> Self {
+        let streams: Vec<ResyncStatus> = r
+            .streams
+            .into_iter()
+            .map(|x| ResyncStatus {
+                stream: x.stream,
+                from: x.from,
+                through: x.through,
+                stored_seq: x.stored_seq,
+            })
+            .collect();
+        DedupeResetStatus {
+            agent: r.agent,
+            at: r.at,
+            reason: r.reason,
+            quarantined: r.quarantined,
+            duplicates_possible: streams.is_empty()
+                || streams.iter().any(|x| x.stored_seq < x.through),
+            streams,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -235,6 +328,8 @@ pub struct RelayHandles {
     /// The forwarding spool and its size limit (`None` when storing).
     pub spool: Option<(Spool, u64)>,
     pub started: Instant,
+    /// What the store's open repaired (dedupe resets are read live from the store).
+    pub recovery: RelayRecoveryStatus,
 }
 
 impl AgentHandles {
@@ -269,6 +364,7 @@ pub fn spawn_relay_control(
     peers: Arc<Mutex<Peers>>,
     store: Option<Arc<Mutex<Store>>>,
     forwarding: Option<(Upstream, Spool)>,
+    recovery: RelayRecoveryStatus,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Arc<RelayHandles> {
     let (upstream, spool) = match forwarding {
@@ -285,6 +381,7 @@ pub fn spawn_relay_control(
         upstream,
         spool,
         started: Instant::now(),
+        recovery,
     });
     control::spawn(
         cfg.control_socket.clone(),
@@ -415,11 +512,19 @@ impl RelayHandles {
         };
         connections.sort_by(|a, b| (a.since, &a.identity).cmp(&(b.since, &b.identity)));
         last_seen.sort();
-        let stored = self
+        let (stored, resets) = self
             .store
             .as_ref()
-            .map(|s| lock(s).agents())
+            .map(|s| {
+                let st = lock(s);
+                (st.agents(), st.dedupe_resets())
+            })
             .unwrap_or_default();
+        let mut recovery = self.recovery.clone();
+        recovery.dedupe_resets = resets
+            .into_iter()
+            .map(DedupeResetStatus::from_store)
+            .collect();
         let mut agents: std::collections::BTreeMap<String, AgentSeen> = Default::default();
         let entry = |agents: &mut std::collections::BTreeMap<String, AgentSeen>, id: &str| {
             agents
@@ -467,6 +572,7 @@ impl RelayHandles {
             agents: agents.into_values().collect(),
             upstream: self.upstream.as_ref().map(LinkHandle::snapshot),
             spool: self.spool.as_ref().map(|(s, max)| spool_status(s, *max)),
+            recovery,
         }
     }
 }
@@ -766,6 +872,9 @@ fn render_intel(out: &mut String, i: &crate::intel::collector::IntelStatus) {
     if let Some(e) = &i.last_error {
         out.push_str(&format!("  error       {e}\n"));
     }
+    for q in &i.quarantined {
+        out.push_str(&format!("  set aside   {q} (damaged, at start)\n"));
+    }
 }
 
 fn render_spool(out: &mut String, title: &str, sp: &SpoolStatus) {
@@ -868,7 +977,54 @@ pub fn render_relay(s: &RelayStatus) -> String {
     if let Some(sp) = &s.spool {
         render_spool(&mut out, "FORWARDING SPOOL", sp);
     }
+    if !s.recovery.is_clean() {
+        render_relay_recovery(&mut out, &s.recovery);
+    }
     out
+}
+
+fn render_relay_recovery(out: &mut String, r: &RelayRecoveryStatus) {
+    out.push_str("\nRECOVERY (damage found, handled, logged)\n");
+    if r.cut_bytes > 0 {
+        out.push_str(&format!(
+            "  store       {} byte(s) of unacknowledged batches cut at start\n",
+            r.cut_bytes
+        ));
+    }
+    for f in &r.damaged_files {
+        out.push_str(&format!(
+            "  damaged     {f} (missing or shorter than stored)\n"
+        ));
+    }
+    for q in &r.quarantined {
+        out.push_str(&format!("  set aside   {q}\n"));
+    }
+    for d in &r.dedupe_resets {
+        out.push_str(&format!(
+            "  DEDUPE RESET {:?} at {}: {}\n    state moved to {}; {}\n",
+            d.agent,
+            humantime::format_rfc3339_seconds(d.at),
+            d.reason,
+            d.quarantined,
+            if d.duplicates_possible {
+                "DUPLICATES POSSIBLE for the batches in flight at the reset"
+            } else {
+                "window passed: exactly once again"
+            }
+        ));
+        if d.streams.is_empty() {
+            out.push_str(&format!(
+                "    no batch stored since: the first {} per stream may repeat stored ones\n",
+                crate::ship::WINDOW_BATCHES
+            ));
+        }
+        for x in &d.streams {
+            out.push_str(&format!(
+                "    stream {:?}: #{}..#{} may be duplicates (stored up to #{})\n",
+                x.stream, x.from, x.through, x.stored_seq
+            ));
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------

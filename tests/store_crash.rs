@@ -1,5 +1,5 @@
 //! The relay store after crashes, on real files: cut back to the durable length,
-//! exactly once after the agent resends, corrupt state refused, and a real SIGKILL.
+//! exactly once after the agent resends, corrupt state quarantined, and a real SIGKILL.
 
 use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
@@ -211,24 +211,62 @@ fn a_missing_or_short_file_is_reported_and_never_leaves_a_hole() {
     assert!(recovery.is_clean(), "{recovery:?}");
 }
 
-fn corrupt_and_open(edit: impl FnOnce(&mut Vec<u8>)) -> (PathBuf, StoreError) {
+/// Commits batches 1..=3, applies `edit` to the agent's state, reopens: returns the
+/// state path, the corrupt bytes and the recovery, after checking what every corrupt
+/// state must give: the file moved aside unchanged, the store file untouched, the
+/// agent's dedupe restarted at 0 (its next batch stored, nothing acknowledged lost).
+fn corrupt_and_open(edit: impl FnOnce(&mut Vec<u8>)) -> (PathBuf, Vec<u8>, StoreRecovery) {
     let dir = tempfile::tempdir().unwrap();
     let (mut store, _) = Store::open(opts(dir.path())).unwrap();
-    append_range(&mut store, 1..=1, DAY);
+    append_range(&mut store, 1..=3, DAY);
     store.commit().unwrap();
     drop(store);
     let state = dir.path().join("state/dedupe/agent.state");
+    let file = data_file(dir.path(), DAY);
+    let stored = std::fs::read(&file).unwrap();
     let mut bytes = std::fs::read(&state).unwrap();
     edit(&mut bytes);
     std::fs::write(&state, &bytes).unwrap();
-    let e = Store::open(opts(dir.path())).unwrap_err();
-    // Refusing to start changed nothing.
-    assert_eq!(std::fs::read(&state).unwrap(), bytes);
-    (state, e)
+    let (mut store, recovery) = Store::open(opts(dir.path())).unwrap();
+    let aside = dir.path().join("state/dedupe/agent.state.corrupt");
+    assert_eq!(
+        std::fs::read(&aside).unwrap(),
+        bytes,
+        "quarantined unchanged"
+    );
+    assert_eq!(recovery.quarantined.len(), 1, "{recovery:?}");
+    assert_eq!(recovery.quarantined[0].aside, aside);
+    assert_eq!(recovery.quarantined[0].agent.as_deref(), Some("agent"));
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        stored,
+        "store file untouched"
+    );
+    assert_eq!(store.stored_seq("agent", "st"), 0);
+    // The agent resumes after its own acknowledged position (3): a gap, accepted.
+    store
+        .append_accepting_gap("agent", "st", 4, "app", DAY, &gz(&event(4)))
+        .unwrap();
+    store.commit().unwrap();
+    assert_eq!(zcat(&file), expected_raw(1..=4));
+    let resets = store.dedupe_resets();
+    assert_eq!(resets.len(), 1);
+    assert_eq!(resets[0].quarantined, "dedupe/agent.state.corrupt");
+    assert_eq!(
+        (resets[0].streams[0].from, resets[0].streams[0].through),
+        (4, 4 + 63)
+    );
+    drop(store);
+    // Logged and reported once: the next open is clean and keeps the mark and position.
+    let (store, again) = Store::open(opts(dir.path())).unwrap();
+    assert!(again.is_clean(), "{again:?}");
+    assert_eq!(store.stored_seq("agent", "st"), 4);
+    assert_eq!(store.dedupe_resets().len(), 1);
+    (state, bytes, recovery)
 }
 
 #[test]
-fn a_corrupt_state_refuses_to_start_naming_the_file() {
+fn a_corrupt_state_is_quarantined_and_the_agent_restarts_at_zero() {
     let flip = |b: &mut Vec<u8>| {
         let i = b.len() - 5;
         b[i] ^= 0x01;
@@ -242,18 +280,14 @@ fn a_corrupt_state_refuses_to_start_naming_the_file() {
         ("empty", &empty),
         ("no header", &garbage),
     ] {
-        let (path, e) = corrupt_and_open(edit);
-        match &e {
-            StoreError::CorruptState { path: p, .. } => assert_eq!(p, &path, "{name}"),
-            other => panic!("{name}: {other}"),
-        }
-        assert!(e.to_string().contains("agent.state"), "{name}: {e}");
+        let (_, _, recovery) = corrupt_and_open(edit);
+        assert!(!recovery.quarantined[0].reason.is_empty(), "{name}");
     }
 }
 
 #[test]
-fn a_state_naming_a_path_outside_the_store_is_refused() {
-    let (_, e) = corrupt_and_open(|b| {
+fn a_state_naming_a_path_outside_the_store_is_quarantined() {
+    let (_, _, recovery) = corrupt_and_open(|b| {
         // Rewrite the body with a hostile source, with a valid header and CRC.
         let text = String::from_utf8(b.clone()).unwrap();
         let body = text
@@ -268,7 +302,10 @@ fn a_state_naming_a_path_outside_the_store_is_refused() {
         )
         .into_bytes();
     });
-    assert!(matches!(e, StoreError::CorruptState { .. }), "{e}");
+    assert!(
+        recovery.quarantined[0].reason.contains("invalid source"),
+        "{recovery:?}"
+    );
 }
 
 /// The child half of `sigkill_at_any_moment_loses_and_duplicates_nothing`: appends and

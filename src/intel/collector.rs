@@ -120,6 +120,9 @@ pub struct IntelStatus {
     pub last_delivered: Option<Delivered>,
     pub delivered_total: u64,
     pub last_error: Option<String>,
+    /// Damaged files set aside when the task started (relative to the state dir).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quarantined: Vec<String>,
 }
 
 /// A `run-now` request and where its answer goes.
@@ -162,6 +165,8 @@ pub struct Collector {
     last_tick: Option<std::time::Instant>,
     status: Arc<Mutex<IntelStatus>>,
     first_run: bool,
+    /// Damaged files set aside at start, for status.
+    quarantined: Vec<String>,
 }
 
 impl Collector {
@@ -190,11 +195,20 @@ impl Collector {
         for m in &rec.messages {
             tracing::warn!("intel staging recovery: {m}");
         }
+        let rel = |p: &Path| p.strip_prefix(state_dir).unwrap_or(p).display().to_string();
+        let mut quarantined: Vec<String> = rec.quarantined.iter().map(|p| rel(p)).collect();
         let ck_path = Checkpoints::path(&dir);
-        let mut checkpoints = Checkpoints::load(&ck_path).unwrap_or_else(|e| {
-            tracing::error!("{e}; intel files are read again from their start_at position");
-            Checkpoints::default()
-        });
+        let (mut checkpoints, reset) =
+            Checkpoints::load_or_quarantine(&crate::spool::fs::RealFs, &ck_path);
+        if let Some((e, aside)) = reset {
+            let shown = aside
+                .as_deref()
+                .map_or("(could not be moved aside)".into(), rel);
+            tracing::error!(
+                "{e}; moved it to {shown}; intel files are read again from their start_at position"
+            );
+            quarantined.push(shown);
+        }
         for r in staging.records_from(checkpoints.spool_seq + 1) {
             let r = r?;
             if let Ok(m) = serde_json::from_slice::<Staged>(&r.meta)
@@ -211,6 +225,7 @@ impl Collector {
             Ok(b) => serde_json::from_slice::<State>(&b).unwrap_or_else(|e| {
                 let aside = dir.join("state.json.corrupt");
                 let _ = std::fs::rename(&state_path, &aside);
+                quarantined.push(rel(&aside));
                 tracing::error!(
                     "{}: {e}; moved to {} and starting a new schedule at the current period",
                     state_path.display(),
@@ -258,6 +273,7 @@ impl Collector {
             last_tick: None,
             status,
             first_run,
+            quarantined,
         };
         c.save()?;
         c.publish(None);
@@ -395,6 +411,7 @@ impl Collector {
             last_delivered: self.state.last_delivered.clone(),
             delivered_total: self.state.delivered_total,
             last_error: error.or_else(|| s.last_error.take()),
+            quarantined: self.quarantined.clone(),
         };
     }
 

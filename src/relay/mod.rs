@@ -76,6 +76,7 @@ pub async fn run(
     let mut shipper_task = None;
     let mut upstream_status = None;
     let mut ctl_spool = None; // control
+    let mut ctl_recovery = crate::status::RelayRecoveryStatus::default(); // control
     let (sink, writer) = match &cfg.upstream {
         None => {
             let (store, recovery) = Store::open(StoreOptions {
@@ -83,9 +84,9 @@ pub async fn run(
                 state_dir: cfg.state_dir.clone(),
             })
             .context("cannot open the store")?;
-            if !recovery.is_clean() {
-                tracing::warn!("store recovery: {recovery:?}");
-            }
+            // The store logged each item once; status shows them.
+            ctl_recovery =
+                crate::status::RelayRecoveryStatus::from_store(&recovery, &cfg.state_dir);
             Sink::store(store, cfg.store_dir.clone())?
         }
         Some(up) => {
@@ -139,6 +140,7 @@ pub async fn run(
         peers.clone(),
         sink.store_handle(),
         ctl_up.zip(ctl_spool),
+        ctl_recovery,
         shutdown.clone(),
     );
     if let Some(addr) = cfg.metrics.listen {

@@ -31,6 +31,10 @@
 //!                touched_unix: u64 } ],  // last append (relay clock), for pruning
 //!     bytes: u64,                   // gzip bytes committed in total (status)
 //!     last_write_unix_ms: u64 | null,
+//!     dedupe_reset: {               // absent unless rule 5 reset this agent
+//!         at_unix_ms: u64, reason: String, quarantined: String,  // file set aside
+//!         streams: { <stream>: u64 },  // first seq stored after the reset
+//!     } | absent,
 //! }
 //! ```
 //!
@@ -58,11 +62,26 @@
 //! 4. **Failures.** An I/O error during `commit`, or an append whose torn tail cannot be
 //!    cut off, poisons the store ([`StoreError::Poisoned`]): drop it and [`Store::open`]
 //!    again, which applies rule 3. Nothing is acknowledged in between.
-//! 5. **Corrupt state refuses to start.** A state file with a bad header, length, CRC,
-//!    JSON, or an unsafe name inside is a [`StoreError::CorruptState`] naming the file.
-//!    The store files cannot tell which members were acknowledged, so there is no
-//!    silent rebuild: the operator inspects the file; moving it aside makes the relay
-//!    treat that agent as new (its files are kept as they are; its streams restart at 0).
+//! 5. **Corrupt state is quarantined, the agent's dedupe restarts.** A state file with a
+//!    bad header, length, CRC, JSON, or an unsafe name inside (or whose file name is not
+//!    an agent id) is renamed aside to `<name>.corrupt` (`.corrupt.1`, ... if taken),
+//!    reported once in [`StoreRecovery::quarantined`] and logged once; every other agent
+//!    is opened as usual. Refusing to start would be a crash loop under a service
+//!    manager and would stop the store for *every* agent. Why not rebuild: the store
+//!    files hold the batches' gzip members only, without agent sequence numbers, so
+//!    they cannot tell which batches were acknowledged, and trusting a damaged
+//!    position could only err in two ways: too high drops new batches as duplicates
+//!    (silent loss), too low stores some batches twice. So the agent restarts at
+//!    position 0: its files are kept exactly as they are (nothing that may have been
+//!    acknowledged is cut; the next append to each file records an intent at its
+//!    current length, rule 1), the relay's HelloAck says 0, the agent resumes after its
+//!    own acknowledged position, and its first batch per stream is accepted as a gap.
+//!    Duplicates are then possible only for batches the relay had stored but whose
+//!    acknowledgement the agent never saw: at most the agent's in-flight window
+//!    ([`crate::ship::WINDOW_BATCHES`]) per stream, from the first seq stored after the
+//!    reset. [`Store::dedupe_resets`] reports that range per stream (`soclink status`).
+//!    If a crash also left an unacknowledged torn tail in one of that agent's files, it
+//!    stays (without the state nothing can prove it was unacknowledged).
 //! 6. **Bounded.** Entries of files not appended to for [`PRUNE_AFTER`] are pruned at
 //!    commit (rule 1 brings them back safely); per agent at most [`MAX_STREAMS`] streams
 //!    and [`MAX_FILES`] file entries; state files larger than [`MAX_STATE_BYTES`] are
@@ -105,6 +124,7 @@ pub const RESERVED_SOURCE_NAMES: [&str; 2] = ["incidents", "intel"];
 const STATE_SUBDIR: &str = "dedupe";
 const STATE_SUFFIX: &str = ".state";
 const TEMP_SUFFIX: &str = ".tmp";
+const CORRUPT_SUFFIX: &str = ".corrupt";
 const LOCK_FILE: &str = "store.lock";
 const HEADER_MAGIC: &str = "soclink-store-state v1";
 /// Bounds the header line read before the body; the real header is under 64 bytes.
@@ -169,12 +189,8 @@ pub enum StoreError {
         what: &'static str,
         limit: usize,
     },
-    /// A state file failed its integrity checks. The relay must not start on it.
-    #[error(
-        "{}: corrupt store state: {reason}; refusing to start (inspect it; moving it aside \
-         makes the relay treat this agent as new)",
-        path.display()
-    )]
+    /// A state file failed its integrity checks; open quarantines it (rule 5).
+    #[error("{}: corrupt store state: {reason}", path.display())]
     CorruptState { path: PathBuf, reason: String },
     /// `store_dir` and `state_dir` overlap so that names could collide.
     #[error("store options: {0}")]
@@ -205,6 +221,43 @@ pub struct StoreRecovery {
     pub short: Vec<TruncatedFile>,
     /// Leftover temporary state files removed.
     pub removed_temp: Vec<PathBuf>,
+    /// Corrupt state files moved aside (rule 5); their agents' dedupe restarted.
+    pub quarantined: Vec<QuarantinedState>,
+}
+
+/// A state file that failed its checks and was renamed aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantinedState {
+    /// The agent whose dedupe position was lost (`None`: the file name was no agent id).
+    pub agent: Option<String>,
+    /// Where the file is now.
+    pub aside: PathBuf,
+    pub reason: String,
+}
+
+/// An agent whose dedupe state was quarantined (rule 5), kept in its new state file
+/// for [`PRUNE_AFTER`] so `soclink status` shows it across restarts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DedupeReset {
+    pub agent: String,
+    pub at: SystemTime,
+    pub reason: String,
+    /// The quarantined file, relative to `state_dir`.
+    pub quarantined: String,
+    /// Per stream stored since the reset: the first seq stored after it. Batches
+    /// `from ..= from + WINDOW_BATCHES - 1` may be duplicates of batches stored before.
+    pub streams: Vec<ResyncedStream>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResyncedStream {
+    pub stream: String,
+    /// First seq stored after the reset.
+    pub from: u64,
+    /// Last seq that may duplicate one stored before the reset.
+    pub through: u64,
+    /// Highest seq committed now; at or past `through`, the window has passed.
+    pub stored_seq: u64,
 }
 
 impl StoreRecovery {
@@ -214,6 +267,7 @@ impl StoreRecovery {
             && self.missing.is_empty()
             && self.short.is_empty()
             && self.removed_temp.is_empty()
+            && self.quarantined.is_empty()
     }
 }
 
@@ -349,6 +403,7 @@ pub(crate) struct AgentState {
     files: BTreeMap<FileKey, FileEntry>,
     bytes: u64,
     last_write_unix_ms: Option<u64>,
+    dedupe_reset: Option<ResetJson>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -359,6 +414,19 @@ struct BodyJson {
     files: Vec<FileJson>,
     bytes: u64,
     last_write_unix_ms: Option<u64>,
+    // Optional, so states written before rule 5 read unchanged, and older relays
+    // (which ignore unknown fields) read these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dedupe_reset: Option<ResetJson>,
+}
+
+/// Rule 5's mark in an agent's new state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ResetJson {
+    at_unix_ms: u64,
+    reason: String,
+    quarantined: String,
+    streams: BTreeMap<String, u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -490,6 +558,8 @@ impl Store {
             .list_dir(&self.dedupe_dir)
             .map_err(io_err("list", &self.dedupe_dir))?;
         names.sort();
+        // Temps first: quarantining below writes (and renames) a temp of its own.
+        names.sort_by_key(|n| !n.ends_with(TEMP_SUFFIX));
         for name in names {
             let path = self.dedupe_dir.join(&name);
             if name.ends_with(TEMP_SUFFIX) {
@@ -504,9 +574,31 @@ impl Store {
                 continue;
             };
             if validate_component(agent).is_err() {
-                return Err(corrupt(&path, "file name is not a valid agent id"));
+                // Not ours to interpret (no agent could have written it): set aside.
+                self.quarantine(
+                    &path,
+                    None,
+                    "file name is not a valid agent id",
+                    &mut recovery,
+                )?;
+                continue;
             }
-            let state = read_state(self.fs.as_ref(), &path, agent)?;
+            let state = match read_state(self.fs.as_ref(), &path, agent) {
+                Ok(state) => state,
+                Err(StoreError::CorruptState { reason, .. }) => {
+                    // Rule 5: see the module doc for why this agent restarts at 0.
+                    let state = self.quarantine(&path, Some(agent), &reason, &mut recovery)?;
+                    self.agents.insert(
+                        agent.to_string(),
+                        Agent {
+                            durable: state,
+                            ..Agent::default()
+                        },
+                    );
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let (state, changed) = self.repair_files(agent, state, &mut recovery)?;
             if changed {
                 write_state(self.fs.as_ref(), &self.dedupe_dir, agent, &state)?;
@@ -539,6 +631,120 @@ impl Store {
                 "store: file shorter than its acknowledged length");
         }
         Ok(recovery)
+    }
+
+    /// Rule 5: renames a corrupt state file aside, logs it once, and (for an agent's
+    /// file) writes the agent's new state: no streams, no file entries (each file's
+    /// next append records an intent at its current length, so nothing is cut), and the
+    /// reset mark that `soclink status` shows.
+    fn quarantine(
+        &self,
+        path: &Path,
+        agent: Option<&str>,
+        reason: &str,
+        recovery: &mut StoreRecovery,
+    ) -> Result<AgentState, StoreError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let taken: BTreeSet<String> = self
+            .fs
+            .list_dir(&self.dedupe_dir)
+            .map_err(io_err("list", &self.dedupe_dir))?
+            .into_iter()
+            .collect();
+        // Never overwrite an earlier quarantined copy: each is evidence.
+        let aside_name = (0u32..)
+            .map(|i| match i {
+                0 => format!("{name}{CORRUPT_SUFFIX}"),
+                i => format!("{name}{CORRUPT_SUFFIX}.{i}"),
+            })
+            .find(|n| !taken.contains(n))
+            .unwrap_or_default();
+        let aside = self.dedupe_dir.join(&aside_name);
+        self.fs
+            .rename(path, &aside)
+            .map_err(io_err("rename", path))?;
+        let now = SystemTime::now();
+        let mut state = AgentState::default();
+        match agent {
+            Some(agent) => {
+                tracing::error!(
+                    agent,
+                    "{}: corrupt store state ({reason}); moved it to {} and restarted this \
+                     agent's dedupe at 0: its store files are kept as they are, its next \
+                     batches are stored, and up to {} batches per stream after the reset \
+                     may be duplicates (see `soclink status`)",
+                    path.display(),
+                    aside.display(),
+                    crate::ship::WINDOW_BATCHES
+                );
+                state.dedupe_reset = Some(ResetJson {
+                    at_unix_ms: unix_millis(now),
+                    reason: reason.to_string(),
+                    quarantined: format!("{STATE_SUBDIR}/{aside_name}"),
+                    streams: BTreeMap::new(),
+                });
+                // Durable before anything of the agent is stored again: a crash
+                // before it finds no state, which is the same reset minus the mark.
+                write_state(self.fs.as_ref(), &self.dedupe_dir, agent, &state)?;
+            }
+            None => tracing::error!(
+                "{}: not a store state ({reason}); moved it to {}",
+                path.display(),
+                aside.display()
+            ),
+        }
+        self.fs
+            .sync_dir(&self.dedupe_dir)
+            .map_err(io_err("fsync", &self.dedupe_dir))?;
+        recovery.quarantined.push(QuarantinedState {
+            agent: agent.map(str::to_string),
+            aside,
+            reason: reason.to_string(),
+        });
+        Ok(state)
+    }
+
+    /// Agents whose dedupe was reset by rule 5 in the last [`PRUNE_AFTER`].
+    pub fn dedupe_resets(&self) -> Vec<DedupeReset> {
+        let window = crate::ship::WINDOW_BATCHES as u64;
+        self.agents
+            .iter()
+            .filter_map(|(name, a)| {
+                let r = a.durable.dedupe_reset.as_ref()?;
+                Some(DedupeReset {
+                    agent: name.clone(),
+                    at: UNIX_EPOCH + Duration::from_millis(r.at_unix_ms),
+                    reason: r.reason.clone(),
+                    quarantined: r.quarantined.clone(),
+                    streams: r
+                        .streams
+                        .iter()
+                        .map(|(stream, from)| ResyncedStream {
+                            stream: stream.clone(),
+                            from: *from,
+                            through: from.saturating_add(window - 1),
+                            stored_seq: a.durable.streams.get(stream).copied().unwrap_or(0),
+                        })
+                        .collect(),
+                })
+            })
+            .collect()
+    }
+
+    /// Notes the first seq of `stream` stored after a rule-5 reset (status only).
+    fn note_resync(&mut self, agent: &str, stream: &str, seq: u64) {
+        if let Some(r) = self
+            .agents
+            .get_mut(agent)
+            .and_then(|a| a.durable.dedupe_reset.as_mut())
+            && !r.streams.contains_key(stream)
+            && r.streams.len() < MAX_STREAMS
+        {
+            r.streams.insert(stream.to_string(), seq);
+        }
     }
 
     /// Applies rule 3 to every file of one agent's state.
@@ -727,6 +933,7 @@ impl Store {
         self.files_to_sync.insert(path);
         self.dirty.insert(agent.to_string());
         self.uncommitted += 1;
+        self.note_resync(agent, stream, seq);
         Ok(AppendOutcome::Appended)
     }
 
@@ -775,6 +982,7 @@ impl Store {
         a.pending_seq.insert(stream.to_string(), seq);
         self.dirty.insert(agent.to_string());
         self.uncommitted += 1;
+        self.note_resync(agent, stream, seq);
         Ok(AppendOutcome::Appended)
     }
 
@@ -952,6 +1160,12 @@ impl Store {
 fn prune(s: &mut AgentState, now_unix: u64) {
     let horizon = now_unix.saturating_sub(PRUNE_AFTER.as_secs());
     s.files.retain(|_, e| e.touched_unix >= horizon);
+    if s.dedupe_reset
+        .as_ref()
+        .is_some_and(|r| r.at_unix_ms / 1000 < horizon)
+    {
+        s.dedupe_reset = None;
+    }
 }
 
 /// Refuses layouts where an agent directory could be the state directory or the other
@@ -1020,6 +1234,7 @@ pub(crate) fn encode_state(agent: &str, s: &AgentState) -> io::Result<Vec<u8>> {
             .collect(),
         bytes: s.bytes,
         last_write_unix_ms: s.last_write_unix_ms,
+        dedupe_reset: s.dedupe_reset.clone(),
     };
     let json = serde_json::to_vec(&body).map_err(io::Error::other)?;
     let mut data = format!(
@@ -1077,11 +1292,21 @@ pub(crate) fn parse_state(data: &[u8], path: &Path, agent: &str) -> Result<Agent
         .and_then(|r| r.strip_prefix(" crc32="))
         .and_then(|r| r.split_once(" len="))
         .ok_or_else(|| corrupt(path, "bad header (not a soclink store state v1)"))?;
+    // Exactly the digits the writer emits: a flipped bit that `from_str_radix` would
+    // still accept (an upper-case hex digit, a '+') is damage too.
+    let lower_hex =
+        |f: &str| f.len() == 8 && f.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let decimal = |f: &str| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit());
+    if !lower_hex(fields.0) {
+        return Err(corrupt(path, "bad CRC field"));
+    }
     let crc = u32::from_str_radix(fields.0, 16).map_err(|_| corrupt(path, "bad CRC field"))?;
     let len: usize = fields
         .1
         .parse()
-        .map_err(|_| corrupt(path, "bad length field"))?;
+        .ok()
+        .filter(|_| decimal(fields.1))
+        .ok_or_else(|| corrupt(path, "bad length field"))?;
     if body.len() != len {
         return Err(corrupt(
             path,
@@ -1111,6 +1336,14 @@ pub(crate) fn parse_state(data: &[u8], path: &Path, agent: &str) -> Result<Agent
     {
         return Err(corrupt(path, "invalid stream name inside"));
     }
+    if let Some(r) = &b.dedupe_reset
+        && (r.streams.len() > MAX_STREAMS
+            || r.streams
+                .keys()
+                .any(|s| validate_name(NameField::Stream, s).is_err()))
+    {
+        return Err(corrupt(path, "invalid dedupe_reset inside"));
+    }
     let mut files = BTreeMap::new();
     for f in b.files {
         // Names inside become paths that open truncates: never trust them unchecked.
@@ -1130,6 +1363,7 @@ pub(crate) fn parse_state(data: &[u8], path: &Path, agent: &str) -> Result<Agent
         files,
         bytes: b.bytes,
         last_write_unix_ms: b.last_write_unix_ms,
+        dedupe_reset: b.dedupe_reset,
     })
 }
 

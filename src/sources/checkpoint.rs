@@ -98,10 +98,52 @@ impl Checkpoints {
         })
     }
 
+    /// [`Checkpoints::load_with`], but a file that cannot be read or fails its checks
+    /// is renamed aside (`checkpoints.json.corrupt`, `.corrupt.1`, ... so an earlier
+    /// copy is never overwritten) and an empty checkpoint returned with the error and
+    /// where the file went: a damaged checkpoint must not stop the agent (a service
+    /// manager would restart it into the same error forever). The caller logs it once
+    /// and shows it in status. If even the rename fails, the agent still starts; the
+    /// next checkpoint write replaces the file.
+    pub fn load_or_quarantine(
+        fs: &dyn Fs,
+        path: &Path,
+    ) -> (Checkpoints, Option<(CheckpointError, Option<PathBuf>)>) {
+        match Self::load_with(fs, path) {
+            Ok(c) => (c, None),
+            Err(e) => {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let taken = fs.list_dir(dir).unwrap_or_default();
+                let aside = (0u32..1000)
+                    .map(|i| match i {
+                        0 => format!("{name}.corrupt"),
+                        i => format!("{name}.corrupt.{i}"),
+                    })
+                    .find(|n| !taken.contains(n))
+                    .map(|n| dir.join(n));
+                let moved =
+                    aside.filter(|a| fs.rename(path, a).is_ok() && fs.sync_dir(dir).is_ok());
+                (Checkpoints::default(), Some((e, moved)))
+            }
+        }
+    }
+
     pub fn decode(bytes: &[u8]) -> Result<Checkpoints, String> {
         let nl = memchr::memchr(b'\n', bytes).ok_or("no header line")?;
         let header = std::str::from_utf8(&bytes[..nl]).map_err(|_| "header is not text")?;
         let crc_hex = header.strip_prefix(MAGIC).ok_or("bad header")?;
+        // Exactly what `encode` writes: an upper-case digit is a flipped bit too.
+        if crc_hex.len() != 8
+            || !crc_hex
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err("bad checksum field".into());
+        }
         let crc = u32::from_str_radix(crc_hex, 16).map_err(|_| "bad checksum field")?;
         let body = &bytes[nl + 1..];
         if crc32fast::hash(body) != crc {
