@@ -1259,6 +1259,23 @@ compression_level = 1
     }
 
     #[test]
+    fn max_open_files_defaults_and_is_bounded() {
+        let f = |c: AgentConfig| match &c.sources[0].kind {
+            SourceKind::File(f) => f.max_open_files,
+            _ => panic!("expected a file source"),
+        };
+        assert_eq!(f(parse_agent(GOOD).unwrap()), DEFAULT_MAX_OPEN_FILES);
+        let src = "[[source]]\nname = \"s\"\ntype = \"file\"\ninclude = [\"/a\"]\n";
+        assert_eq!(
+            f(parse_agent(&format!("{src}max_open_files = 64\n")).unwrap()),
+            64
+        );
+        let e = parse_agent(&format!("{src}max_open_files = 0\n")).unwrap_err();
+        assert_eq!(e[0].line, 5, "{e:?}");
+        assert!(e[0].message.contains("max_open_files"), "{e:?}");
+    }
+
+    #[test]
     fn unknown_key_is_located() {
         let text = "state_dir = \"/x\"\nbogus = 1\n";
         let e = parse_agent(text).unwrap_err();

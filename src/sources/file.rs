@@ -234,12 +234,13 @@ impl FileSource {
         let (wake_tx, wake_rx) = std_mpsc::channel::<()>();
         let (early_tx, early_rx) = std_mpsc::sync_channel::<(PathBuf, File)>(EARLY_QUEUE);
         let _watcher = self.watch(wake_tx, early_tx);
+        self.check_descriptor_limit();
         self.rescan();
         let mut last_scan = Instant::now();
         while !self.stop.is_cancelled() {
             self.adopt_early(&early_rx);
             let unparked = self.unpark();
-            self.log_vanished();
+            self.log_vanished(false);
             let progressed = self.read_all(&early_rx) | unparked;
             if self.stop.is_cancelled() {
                 break;
@@ -268,6 +269,7 @@ impl FileSource {
                 last_scan = Instant::now();
             }
         }
+        self.log_vanished(true);
         self.seal();
     }
 
@@ -501,14 +503,33 @@ impl FileSource {
 
     /// Files gone before they could be opened are not errors of ours, but their lines are
     /// lost: say so, once a minute at most, with the count.
-    fn log_vanished(&mut self) {
+    fn log_vanished(&mut self, at_exit: bool) {
         let now = self.stats.vanished.load(Ordering::Relaxed);
         let (logged, at) = self.vanished_logged;
-        if now == logged || at.is_some_and(|t| t.elapsed() < VANISHED_LOG_EVERY) {
+        if now == logged || (!at_exit && at.is_some_and(|t| t.elapsed() < VANISHED_LOG_EVERY)) {
             return;
         }
         tracing::warn!(source = %self.name, "{} file(s) matched by the globs disappeared before they could be opened (deleted, or renamed to a name the globs do not match); their lines were not collected ({now} since start)", now - logged);
         self.vanished_logged = (now, Some(Instant::now()));
+    }
+
+    /// `max_open_files` is only a safe bound if the process may open that many and more
+    /// (spool, sockets, other sources); say so at start when it may not.
+    fn check_descriptor_limit(&self) {
+        let Some(soft) = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|l| {
+                l.lines()
+                    .find(|l| l.starts_with("Max open files"))
+                    .and_then(|l| l.split_whitespace().nth(3))
+                    .and_then(|n| n.parse::<usize>().ok())
+            })
+        else {
+            return;
+        };
+        if self.cfg.max_open_files + 128 > soft {
+            tracing::warn!(source = %self.name, "max_open_files = {} leaves fewer than 128 descriptors of the process limit ({soft}) for the spool, connections and other sources: lower it or raise LimitNOFILE", self.cfg.max_open_files);
+        }
     }
 
     /// A file opened by the watcher as soon as it appeared.
