@@ -178,7 +178,14 @@ pub struct FileSourceConfig {
     /// How long a file that left its path (rotated or deleted) stays open after its last
     /// new byte, for writers that keep appending to it until they reopen.
     pub rotate_wait: Duration,
+    /// Descriptor budget: beyond it, files idle at their end are closed and reopened
+    /// (checked by inode and fingerprint) when they grow.
+    pub max_open_files: usize,
 }
+
+/// Default `max_open_files`: half of systemd's default soft `LimitNOFILE` (1024), so one
+/// source never starves the spool, sockets and other sources of descriptors.
+pub const DEFAULT_MAX_OPEN_FILES: usize = 512;
 
 #[derive(Debug, Clone)]
 pub struct SpoolSettings {
@@ -278,6 +285,7 @@ struct RawSource {
     partial_line_timeout: Option<HumanDuration>,
     rescan_interval: Option<Spanned<HumanDuration>>,
     rotate_wait: Option<HumanDuration>,
+    max_open_files: Option<Spanned<i64>>,
     // syslog
     listen: Option<Vec<Spanned<String>>>,
     tls_cert: Option<PathBuf>,
@@ -301,6 +309,7 @@ const FILE_KEYS: &[&str] = &[
     "partial_line_timeout",
     "rescan_interval",
     "rotate_wait",
+    "max_open_files",
 ];
 const SYSLOG_KEYS: &[&str] = &[
     "listen",
@@ -329,6 +338,7 @@ impl RawSource {
         push(self.partial_line_timeout.is_some(), "partial_line_timeout");
         push(self.rescan_interval.is_some(), "rescan_interval");
         push(self.rotate_wait.is_some(), "rotate_wait");
+        push(self.max_open_files.is_some(), "max_open_files");
         push(self.listen.is_some(), "listen");
         push(self.tls_cert.is_some(), "tls_cert");
         push(self.tls_key.is_some(), "tls_key");
@@ -573,6 +583,17 @@ fn file_source(
         p.at(d.span(), "rescan_interval must be at least 10ms");
         ok = false;
     }
+    let max_open_files = match &s.max_open_files {
+        Some(m) => match usize::try_from(*m.get_ref()) {
+            Ok(n) if (4..=1_000_000).contains(&n) => n,
+            _ => {
+                p.at(m.span(), "max_open_files must be between 4 and 1000000");
+                ok = false;
+                DEFAULT_MAX_OPEN_FILES
+            }
+        },
+        None => DEFAULT_MAX_OPEN_FILES,
+    };
     ok.then(|| FileSourceConfig {
         include,
         exclude,
@@ -583,6 +604,7 @@ fn file_source(
             .map_or(Duration::from_secs(5), |d| d.0),
         rescan_interval,
         rotate_wait: s.rotate_wait.map_or(Duration::from_secs(5), |d| d.0),
+        max_open_files,
     })
 }
 
@@ -686,6 +708,7 @@ fn intel_settings(
             partial_line_timeout: Duration::from_secs(5),
             rescan_interval: Duration::from_secs(1),
             rotate_wait: Duration::from_secs(5),
+            max_open_files: DEFAULT_MAX_OPEN_FILES,
         },
         max_upload_size,
     })
@@ -1233,6 +1256,23 @@ compression_level = 1
         assert_eq!((e[0].line, e[0].col), (5, 10), "{e:?}");
         let e = parse_relay(&format!("{relay}bogus = 1\n")).unwrap_err();
         assert!(e[0].message.contains("bogus"), "{e:?}");
+    }
+
+    #[test]
+    fn max_open_files_defaults_and_is_bounded() {
+        let f = |c: AgentConfig| match &c.sources[0].kind {
+            SourceKind::File(f) => f.max_open_files,
+            _ => panic!("expected a file source"),
+        };
+        assert_eq!(f(parse_agent(GOOD).unwrap()), DEFAULT_MAX_OPEN_FILES);
+        let src = "[[source]]\nname = \"s\"\ntype = \"file\"\ninclude = [\"/a\"]\n";
+        assert_eq!(
+            f(parse_agent(&format!("{src}max_open_files = 64\n")).unwrap()),
+            64
+        );
+        let e = parse_agent(&format!("{src}max_open_files = 0\n")).unwrap_err();
+        assert_eq!(e[0].line, 5, "{e:?}");
+        assert!(e[0].message.contains("max_open_files"), "{e:?}");
     }
 
     #[test]

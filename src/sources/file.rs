@@ -10,6 +10,10 @@
 //!   `max_line_bytes` of pending partial line per file.
 //! - A file that left its path (rotated or deleted) stays open until it has been idle
 //!   for `rotate_wait`, so writers that keep appending until they reopen lose nothing.
+//! - Descriptors are bounded by `max_open_files`: beyond it, the least recently active
+//!   file that is idle at its end and still at its path is closed ("parked") and
+//!   reopened, checked by inode and fingerprint, when its size changes. Files that left
+//!   their path are never parked: they may be gone by the time we would reopen them.
 //!   A file rotated away while the agent was down is found again by inode in the
 //!   directory it was in, and read to its end.
 //!
@@ -44,6 +48,11 @@ const READ_CHUNK: usize = 1 << 20;
 const MAX_READ_PER_TURN: u64 = 16 << 20;
 /// Longest sleep when nothing happens; bounds latency when inotify is unavailable.
 const IDLE_POLL: Duration = Duration::from_millis(200);
+/// Files the watcher opened early that wait for the source loop; beyond this the rescan
+/// opens them, so a burst of creations cannot take unbounded descriptors.
+const EARLY_QUEUE: usize = 128;
+/// At most one "files vanished" warning per source per this period.
+const VANISHED_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Counters shown by `soclink status`.
 #[derive(Debug, Default)]
@@ -53,6 +62,9 @@ pub struct SourceStats {
     pub truncated: AtomicU64,
     pub files: AtomicU64,
     pub errors: AtomicU64,
+    /// New files that were gone before they could be opened (deleted, or renamed to a
+    /// name the globs do not match), and parked files deleted before being reopened.
+    pub vanished: AtomicU64,
 }
 
 /// Batch limits.
@@ -114,7 +126,22 @@ struct Tracked {
     last_data: Instant,
     /// Still found at a path matched by the globs (false: rotated away or deleted).
     at_path: bool,
+    /// Where the file was last seen; a parked file is reopened from here.
+    seen_at: PathBuf,
     at_eof: bool,
+}
+
+/// A file closed to stay within `max_open_files`: it was idle at its end (no partial
+/// line) and at a matched path. Everything needed to reopen it where it stopped.
+struct Parked {
+    path: String,
+    seen_at: PathBuf,
+    fp_len: u32,
+    fp: u64,
+    offset: u64,
+    /// Size at the last rescan: a size other than `offset` means there is something to read
+    /// (or it was truncated), so it is reopened.
+    len: u64,
 }
 
 impl Tracked {
@@ -149,6 +176,9 @@ pub struct FileSource {
     stop: CancellationToken,
     stats: Arc<SourceStats>,
     files: HashMap<Key, Tracked>,
+    parked: HashMap<Key, Parked>,
+    /// `stats.vanished` when it was last logged, and when.
+    vanished_logged: (u64, Option<Instant>),
     batch: Open,
     buf: Vec<u8>,
     /// Checkpointed positions not yet matched to a file (startup only).
@@ -180,6 +210,8 @@ impl FileSource {
             stop,
             stats,
             files: HashMap::new(),
+            parked: HashMap::new(),
+            vanished_logged: (0, None),
             batch: Open {
                 raw: Vec::new(),
                 events: 0,
@@ -200,15 +232,16 @@ impl FileSource {
     /// Run until `stop` is cancelled; then seal what is buffered and return.
     pub fn run(mut self) {
         let (wake_tx, wake_rx) = std_mpsc::channel::<()>();
-        let (early_tx, early_rx) = std_mpsc::channel::<(PathBuf, File)>();
+        let (early_tx, early_rx) = std_mpsc::sync_channel::<(PathBuf, File)>(EARLY_QUEUE);
         let _watcher = self.watch(wake_tx, early_tx);
+        self.check_descriptor_limit();
         self.rescan();
         let mut last_scan = Instant::now();
         while !self.stop.is_cancelled() {
-            while let Ok((path, file)) = early_rx.try_recv() {
-                self.adopt(path, file);
-            }
-            let progressed = self.read_all();
+            self.adopt_early(&early_rx);
+            let unparked = self.unpark();
+            self.log_vanished(false);
+            let progressed = self.read_all(&early_rx) | unparked;
             if self.stop.is_cancelled() {
                 break;
             }
@@ -236,6 +269,7 @@ impl FileSource {
                 last_scan = Instant::now();
             }
         }
+        self.log_vanished(true);
         self.seal();
     }
 
@@ -243,8 +277,9 @@ impl FileSource {
     fn watch(
         &self,
         wake: std_mpsc::Sender<()>,
-        early: std_mpsc::Sender<(PathBuf, File)>,
+        early: std_mpsc::SyncSender<(PathBuf, File)>,
     ) -> Option<notify::RecommendedWatcher> {
+        let stats = self.stats.clone();
         let include: Vec<glob::Pattern> = self
             .cfg
             .include
@@ -263,14 +298,25 @@ impl FileSource {
                         notify::EventKind::Create(_)
                             | notify::EventKind::Modify(notify::event::ModifyKind::Name(_))
                     );
+                    let created = matches!(ev.kind, notify::EventKind::Create(_));
                     if creates {
                         for p in ev.paths {
-                            if include.iter().any(|g| g.matches_path(&p))
-                                && !is_excluded(&p, &exclude)
-                                && let Ok(f) = File::open(&p)
-                                && f.metadata().is_ok_and(|m| m.is_file())
+                            if !include.iter().any(|g| g.matches_path(&p))
+                                || is_excluded(&p, &exclude)
                             {
-                                let _ = early.send((p, f));
+                                continue;
+                            }
+                            match File::open(&p) {
+                                // A full queue drops the descriptor: the rescan the wake-up
+                                // below triggers opens the file instead.
+                                Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => {
+                                    let _ = early.try_send((p, f));
+                                }
+                                Ok(_) => {}
+                                Err(e) if created && e.kind() == std::io::ErrorKind::NotFound => {
+                                    stats.vanished.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(_) => {}
                             }
                         }
                     }
@@ -327,6 +373,12 @@ impl FileSource {
             }
             if let Some(t) = self.files.get_mut(&key) {
                 t.at_path = true;
+                t.seen_at = path;
+                continue;
+            }
+            if let Some(p) = self.parked.get_mut(&key) {
+                p.seen_at = path;
+                p.len = meta.len();
                 continue;
             }
             self.open_new(&path, key, meta.len());
@@ -337,14 +389,147 @@ impl FileSource {
                 t.last_data = Instant::now();
             }
         }
+        // A parked file that left its path was rotated (or deleted): reopen it now, over
+        // budget if need be, to read it to its end before it is gone for good.
+        let left: Vec<Key> = self
+            .parked
+            .keys()
+            .filter(|k| !seen.contains(k))
+            .copied()
+            .collect();
+        for key in left {
+            if let Some(p) = self.parked.remove(&key) {
+                self.reopen(key, p);
+            }
+        }
         if self.first_scan {
             self.first_scan = false;
             self.recover_rotated_while_down();
         }
         self.check_fingerprints();
-        self.stats
+        self.stats.files.store(
+            (self.files.len() + self.parked.len()) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Close the least recently active file that is idle at its end and still at its
+    /// path; false if every open file is busy or rotated away.
+    fn make_room(&mut self) -> bool {
+        let victim = self
             .files
-            .store(self.files.len() as u64, Ordering::Relaxed);
+            .values()
+            .filter(|t| {
+                t.at_path
+                    && t.at_eof
+                    && t.partial.is_empty()
+                    && !t.overflow
+                    && t.read_pos == t.offset
+            })
+            .min_by_key(|t| t.last_data)
+            .map(|t| t.key);
+        let Some(t) = victim.and_then(|k| self.files.remove(&k)) else {
+            return false;
+        };
+        self.parked.insert(
+            t.key,
+            Parked {
+                path: t.path,
+                seen_at: t.seen_at,
+                fp_len: t.fp_len,
+                fp: t.fp,
+                offset: t.offset,
+                len: t.read_pos,
+            },
+        );
+        true
+    }
+
+    /// Reopen parked files whose size changed, as far as descriptors allow; true if any
+    /// was reopened.
+    fn unpark(&mut self) -> bool {
+        let want: Vec<Key> = self
+            .parked
+            .iter()
+            .filter(|(_, p)| p.len != p.offset)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut any = false;
+        for key in want {
+            if self.files.len() >= self.cfg.max_open_files && !self.make_room() {
+                break;
+            }
+            if let Some(p) = self.parked.remove(&key) {
+                self.reopen(key, p);
+                any = true;
+            }
+        }
+        any
+    }
+
+    /// Open a parked file again where it was last seen; if another file is there now, it
+    /// was rotated: look for it by inode in that directory. Identity (fingerprint,
+    /// truncation) is checked by `verify_identity` before the next read.
+    fn reopen(&mut self, key: Key, p: Parked) {
+        let same = |f: &File| f.metadata().is_ok_and(|m| (m.dev(), m.ino()) == key);
+        if let Ok(file) = File::open(&p.seen_at)
+            && same(&file)
+        {
+            let at = p.seen_at.clone();
+            self.track(file, p.path, at, key, p.fp_len, p.fp, p.offset, true);
+            return;
+        }
+        let dir = p.seen_at.parent().unwrap_or(Path::new("/")).to_path_buf();
+        if let Some((_, found, _)) = list_files(&dir).into_iter().find(|(k, _, _)| *k == key)
+            && let Ok(file) = File::open(&found)
+            && same(&file)
+        {
+            self.track(file, p.path, found, key, p.fp_len, p.fp, p.offset, false);
+            return;
+        }
+        self.stats.vanished.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(source = %self.name, path = %p.path, offset = p.offset, "a file closed to stay within max_open_files was deleted before it could be reopened; lines written to it after that offset were not collected");
+        let pos = FilePos {
+            dev: key.0,
+            ino: key.1,
+            fp_len: p.fp_len,
+            fp: p.fp,
+            path: p.path,
+            offset: p.offset,
+            gone: true,
+        };
+        self.batch.cursor.insert(key, pos);
+    }
+
+    /// Files gone before they could be opened are not errors of ours, but their lines are
+    /// lost: say so, once a minute at most, with the count.
+    fn log_vanished(&mut self, at_exit: bool) {
+        let now = self.stats.vanished.load(Ordering::Relaxed);
+        let (logged, at) = self.vanished_logged;
+        if now == logged || (!at_exit && at.is_some_and(|t| t.elapsed() < VANISHED_LOG_EVERY)) {
+            return;
+        }
+        tracing::warn!(source = %self.name, "{} file(s) matched by the globs disappeared before they could be opened (deleted, or renamed to a name the globs do not match); their lines were not collected ({now} since start)", now - logged);
+        self.vanished_logged = (now, Some(Instant::now()));
+    }
+
+    /// `max_open_files` is only a safe bound if the process may open that many and more
+    /// (spool, sockets, other sources); say so at start when it may not.
+    fn check_descriptor_limit(&self) {
+        let Some(soft) = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|l| {
+                l.lines()
+                    .find(|l| l.starts_with("Max open files"))
+                    .and_then(|l| l.split_whitespace().nth(3))
+                    .and_then(|n| n.parse::<usize>().ok())
+            })
+        else {
+            return;
+        };
+        if self.cfg.max_open_files + 128 > soft {
+            tracing::warn!(source = %self.name, "max_open_files = {} leaves fewer than 128 descriptors of the process limit ({soft}) for the spool, connections and other sources: lower it or raise LimitNOFILE", self.cfg.max_open_files);
+        }
     }
 
     /// A file opened by the watcher as soon as it appeared.
@@ -356,6 +541,11 @@ impl FileSource {
         if self.files.contains_key(&key) {
             return;
         }
+        if let Some(p) = self.parked.get_mut(&key) {
+            p.seen_at = path;
+            p.len = meta.len();
+            return;
+        }
         self.open_with(&path, key, meta.len(), file);
     }
 
@@ -363,6 +553,7 @@ impl FileSource {
         let key_open = format!("open {}", path.display());
         let file = match File::open(path) {
             Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return, // renamed or deleted since the glob saw it
             Err(e) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 if let Some(repeated) = self.warn.check(&key_open) {
@@ -394,7 +585,32 @@ impl FileSource {
                 0
             };
         }
-        self.track(file, path_str, key, fp_len, fp, offset, true);
+        if self.files.len() >= self.cfg.max_open_files && !self.make_room() {
+            // Every open file is busy: remember where to start and open it again when a
+            // descriptor is free.
+            self.parked.insert(
+                key,
+                Parked {
+                    path: path_str,
+                    seen_at: path.to_path_buf(),
+                    fp_len,
+                    fp,
+                    offset,
+                    len,
+                },
+            );
+            return;
+        }
+        self.track(
+            file,
+            path_str,
+            path.to_path_buf(),
+            key,
+            fp_len,
+            fp,
+            offset,
+            true,
+        );
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -402,6 +618,7 @@ impl FileSource {
         &mut self,
         file: File,
         path: String,
+        seen_at: PathBuf,
         key: Key,
         fp_len: u32,
         fp: u64,
@@ -422,6 +639,7 @@ impl FileSource {
                 overflow: false,
                 last_data: Instant::now(),
                 at_path,
+                seen_at,
                 at_eof: false,
             },
         );
@@ -453,7 +671,9 @@ impl FileSource {
             if len > pos.offset {
                 tracing::info!(source = %self.name, path = %pos.path, now = %found_path.display(), "file was rotated while the agent was down: reading its remaining {} bytes", len - pos.offset);
             }
-            self.track(file, pos.path, key, pos.fp_len, pos.fp, pos.offset, false);
+            self.track(
+                file, pos.path, found_path, key, pos.fp_len, pos.fp, pos.offset, false,
+            );
         }
     }
 
@@ -547,14 +767,16 @@ impl FileSource {
                 if len > offset {
                     tracing::info!(source = %self.name, path = %path, copy = %p.display(), "reading the last {} bytes written before copytruncate from the copy", len - offset);
                 }
-                self.track(file, path, k, fp_len, fp, offset, false);
+                self.track(file, path, p, k, fp_len, fp, offset, false);
                 return;
             }
         }
     }
 
     /// One pass over all files; true if any data was read.
-    fn read_all(&mut self) -> bool {
+    /// Between files too: a file created and deleted while a long pass reads a backlog
+    /// is only readable if its early descriptor is taken before the queue fills.
+    fn read_all(&mut self, early: &std_mpsc::Receiver<(PathBuf, File)>) -> bool {
         let keys: Vec<Key> = self.files.keys().copied().collect();
         let mut progressed = false;
         for key in keys {
@@ -562,8 +784,15 @@ impl FileSource {
                 break;
             }
             progressed |= self.read_file(key);
+            self.adopt_early(early);
         }
         progressed
+    }
+
+    fn adopt_early(&mut self, early: &std_mpsc::Receiver<(PathBuf, File)>) {
+        while let Ok((path, file)) = early.try_recv() {
+            self.adopt(path, file);
+        }
     }
 
     fn read_file(&mut self, key: Key) -> bool {
