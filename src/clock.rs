@@ -29,6 +29,40 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Picks the UTC day a source files its data under: the day of the collection time,
+/// except that a step of the clock back by at most [`DayFiler::HOLD`] keeps the latest
+/// day seen. Without it, a step back across midnight would append the lines read next
+/// to the previous day's store file, ahead of lines of the same file already stored
+/// under the later day: a reader going through the days would see them out of order.
+/// A larger step back is taken as the correction of a clock that was far ahead, and
+/// followed, so one wrong reading cannot pin the day for good.
+#[derive(Debug, Default)]
+pub struct DayFiler {
+    /// The latest collection time seen (RFC 3339, fixed width, so it orders as text).
+    latest: String,
+}
+
+impl DayFiler {
+    pub const HOLD: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+
+    /// The day to file data collected at `ts` (an RFC 3339 time as `util::now_rfc3339`
+    /// writes it) under.
+    pub fn day(&mut self, ts: &str) -> &str {
+        let keep = ts < self.latest.as_str() && {
+            let parse = |s: &str| humantime::parse_rfc3339(s).ok();
+            match (parse(ts), parse(&self.latest)) {
+                (Some(t), Some(l)) => l.duration_since(t).is_ok_and(|d| d <= Self::HOLD),
+                _ => false,
+            }
+        };
+        if !keep {
+            self.latest.clear();
+            self.latest.push_str(ts);
+        }
+        crate::util::day_of(&self.latest)
+    }
+}
+
 /// A per-thread settable clock for unit tests: code run on the test's thread sees it,
 /// other threads keep the real one (tests running in parallel do not disturb each other).
 #[cfg(test)]
@@ -75,6 +109,23 @@ pub mod fake {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// Regression: lines read after a step back across midnight went to the previous
+    /// day's store file, before lines of the same file filed under the later day.
+    #[test]
+    fn day_partition_kept_across_backward_step_over_midnight() {
+        let mut d = DayFiler::default();
+        assert_eq!(d.day("2026-11-26T23:59:59.000000000Z"), "2026-11-26");
+        assert_eq!(d.day("2026-11-27T00:00:01.000000000Z"), "2026-11-27");
+        // Back an hour: still the 27th, for as long as the clock is behind.
+        assert_eq!(d.day("2026-11-26T23:00:02.000000000Z"), "2026-11-27");
+        assert_eq!(d.day("2026-11-26T23:59:00.000000000Z"), "2026-11-27");
+        // Forward a day: the new day at once.
+        assert_eq!(d.day("2026-11-28T00:00:03.000000000Z"), "2026-11-28");
+        // Back more than HOLD (a clock that was far ahead is corrected): follow it.
+        assert_eq!(d.day("2026-11-27T00:00:04.000000000Z"), "2026-11-27");
+        assert_eq!(d.day("2026-11-27T00:00:05.000000000Z"), "2026-11-27");
+    }
 
     #[test]
     fn fake_clock_steps_both_ways_on_this_thread_only() {

@@ -286,14 +286,11 @@ fn agent_clock_jumps_back_an_hour_then_forward_a_day() {
     let mut relay = RelayProc::new(dir, &pki, "relay", "");
     relay.start();
 
-    // A period boundary B a few seconds ahead of the agent's clock, not at midnight (a
-    // backward jump across midnight would file lines under the previous day).
+    // A period boundary B a few seconds ahead of the agent's clock, at UTC midnight, so
+    // that the step back also crosses midnight.
     let now = real_now();
-    let mut b = (now / HOUR + 2) * HOUR;
-    if b % DAY == 0 {
-        b += HOUR;
-    }
-    let lead = 6;
+    let b = (now / DAY + 1) * DAY;
+    let lead = 8;
     let mut offset = b - lead - now;
     clock.set(offset);
 
@@ -367,12 +364,15 @@ fn agent_clock_jumps_back_an_hour_then_forward_a_day() {
     );
     let (_, recs) = intel_item(&relay, &items[0]);
     assert_eq!(recs, a, "the first item holds the alerts staged before B");
+    // Lines of the new day, then the step back to the previous day.
+    let (_, l) = ship(&relay, &app, 500, 600, "clk");
+    expected.extend(l);
 
     // Back one hour: the agent's clock is now just after B - 1h.
     offset -= HOUR;
     clock.set(offset);
     let t_back = real_now();
-    let (took, l) = ship(&relay, &app, 500, 1000, "clk");
+    let (took, l) = ship(&relay, &app, 600, 1100, "clk");
     expected.extend(l);
     assert!(
         took < FLOW,
@@ -410,7 +410,7 @@ fn agent_clock_jumps_back_an_hour_then_forward_a_day() {
     offset += DAY;
     clock.set(offset);
     let t_fwd = real_now();
-    let (took, l) = ship(&relay, &app, 1000, 1500, "clk");
+    let (took, l) = ship(&relay, &app, 1100, 1600, "clk");
     expected.extend(l);
     assert!(
         took < FLOW,
@@ -444,14 +444,34 @@ fn agent_clock_jumps_back_an_hour_then_forward_a_day() {
     }
 
     agent.stop();
+    // Regression (day partition): the lines read after the step back across midnight
+    // stay under the later day, after the lines filed there before the step.
+    let day = |t: i64| {
+        soclink::incident::record::format_time(soclink::intel::from_unix(t as u64))[..10]
+            .to_string()
+    };
+    let mut files: Vec<String> = std::fs::read_dir(relay.store.join(AGENT).join("app"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        vec![
+            format!("{}.ndjson.gz", day(b - 1)),
+            format!("{}.ndjson.gz", day(b))
+        ],
+        "store files of the agent's days"
+    );
     let evs = check_store(&relay, "clk", &expected);
     // The jumps really reached the agent: collection times follow its clock.
     for e in &evs {
         let n = line_no(e, "clk").unwrap();
         let skew = ts_of(e) - real_now();
         let want = match n {
-            0..500 => offset - DAY + HOUR,
-            500..1000 => offset - DAY,
+            0..600 => offset - DAY + HOUR,
+            600..1100 => offset - DAY,
             _ => offset,
         };
         assert!(

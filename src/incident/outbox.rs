@@ -339,7 +339,10 @@ pub fn mark_building(idir: &Path) -> std::io::Result<std::fs::File> {
     let marker = idir.join(super::BUILDING_MARKER);
     let tmp = marker.with_extension("building.tmp");
     let f = std::fs::File::create(&tmp)?;
-    f.lock()?;
+    if let Err(e) = f.lock() {
+        // Then the agent falls back to the marker's age (see `being_built`).
+        tracing::warn!("cannot lock {}: {e}", tmp.display());
+    }
     std::fs::rename(&tmp, &marker)?;
     Ok(f)
 }

@@ -34,7 +34,7 @@ use super::SealedBatch;
 use super::checkpoint::FilePos;
 use crate::config::{FileSourceConfig, StartAt};
 use crate::event::{FilePrefix, encode_file_line};
-use crate::util::{day_of, now_rfc3339};
+use crate::util::now_rfc3339;
 
 /// Fingerprint covers up to this many leading bytes.
 const FP_MAX: usize = 256;
@@ -138,6 +138,7 @@ struct Open {
     day: String,
     started: Option<Instant>,
     cursor: HashMap<Key, FilePos>,
+    days: crate::clock::DayFiler,
 }
 
 pub struct FileSource {
@@ -186,6 +187,7 @@ impl FileSource {
                 day: String::new(),
                 started: None,
                 cursor: HashMap::new(),
+                days: crate::clock::DayFiler::default(),
             },
             buf: vec![0; READ_CHUNK],
             known: checkpoint
@@ -614,7 +616,7 @@ impl FileSource {
     /// as they fill.
     fn consume(&mut self, key: Key, data: &[u8]) {
         let ts = now_rfc3339();
-        let day = day_of(&ts).to_string();
+        let day = self.batch.days.day(&ts).to_string();
         let max = self.cfg.max_line_bytes as usize;
         let mut pos = 0usize;
         loop {
@@ -695,7 +697,7 @@ impl FileSource {
 
     fn flush_partial(&mut self, key: Key) {
         let ts = now_rfc3339();
-        let day = day_of(&ts).to_string();
+        let day = self.batch.days.day(&ts).to_string();
         if self.batch.events > 0 && self.batch.day != day {
             self.seal();
         }
