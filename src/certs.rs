@@ -62,7 +62,7 @@ pub struct IssueParams {
 impl IssueParams {
     /// Valid from an hour ago for a year, ECDSA P-256.
     pub fn new(cn: &str, sans: &[&str], kind: CertKind) -> IssueParams {
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         IssueParams {
             cn: cn.to_owned(),
             sans: sans.iter().map(|s| (*s).to_owned()).collect(),
@@ -209,7 +209,7 @@ impl Ca {
     /// A CRL (PEM) signed by this CA revoking `certs`, valid from an hour ago for 30
     /// days.
     pub fn revoke(&self, certs: &[&CertificateDer<'_>]) -> anyhow::Result<String> {
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         self.revoke_until(certs, now + Duration::from_secs(30 * 24 * 3600))
     }
 
@@ -221,7 +221,7 @@ impl Ca {
         next_update: SystemTime,
     ) -> anyhow::Result<String> {
         let mut revoked = Vec::new();
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         let this_update = (now - BACKDATE).min(next_update - Duration::from_secs(3600));
         for der in certs {
             let (_, cert) =

@@ -199,7 +199,7 @@ pub async fn run(dir: Option<PathBuf>, lines: u64) -> Result<()> {
     println!(
         "  6. declared incident {} (level 3, DRILL), {}",
         inc.id,
-        inc.deadline_text(std::time::SystemTime::now())
+        inc.deadline_text(crate::clock::now())
     );
     println!("     the agent builds the evidence bundle and ships it ahead of routine logs...");
     let idir = store_dir.join("demo-agent").join("incidents").join(&inc.id);

@@ -28,6 +28,7 @@
 pub mod agent;
 pub mod batch;
 pub mod certs;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod demo;

@@ -212,7 +212,7 @@ pub fn agent_status_line(
         "{lines_per_sec} lines/s, spool {} batches ({}) unacknowledged, {}",
         spool.next_seq.saturating_sub(spool.first_unacked),
         bytesize::ByteSize(spool.bytes),
-        upstream_text(upstream, SystemTime::now())
+        upstream_text(upstream, crate::clock::now())
     )
 }
 
@@ -221,7 +221,7 @@ pub fn relay_status_line(connections: usize, upstream: Option<&UpstreamStatus>) 
     let mut s = format!("{connections} agent connection(s)");
     if let Some(u) = upstream {
         s.push_str(", forwarding: ");
-        s.push_str(&upstream_text(Some(u), SystemTime::now()));
+        s.push_str(&upstream_text(Some(u), crate::clock::now()));
     }
     s
 }
@@ -255,7 +255,7 @@ pub fn agent_started(figures: AgentFigures, hb: Heartbeat, shutdown: Cancellatio
     status(&format!(
         "started: {} source(s); {}",
         figures.sources.len(),
-        upstream_text(up.as_ref(), SystemTime::now())
+        upstream_text(up.as_ref(), crate::clock::now())
     ));
     let total = |f: &AgentFigures| f.sources.iter().map(SourceCounter::events).sum::<u64>();
     // The baseline is taken before READY=1: lines read right after it count in the

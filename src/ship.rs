@@ -143,7 +143,7 @@ impl Shipper {
                     warn.clear_all(); // the link worked: its next failure is news
                 }
                 if st.connected || st.down_since.is_none() {
-                    st.down_since = Some(SystemTime::now());
+                    st.down_since = Some(crate::clock::now());
                 }
                 st.connected = false;
                 st.last_error = Some(msg.clone());
@@ -366,7 +366,7 @@ impl Shipper {
                                 let sp = self.lanes[i].spool.clone();
                                 tokio::task::spawn_blocking(move || sp.ack(upto)).await??;
                                 let mut st = lock(&self.status);
-                                st.last_ack = Some(SystemTime::now());
+                                st.last_ack = Some(crate::clock::now());
                                 if i + 1 == self.lanes.len() {
                                     st.acked_seq = upto;
                                 }

@@ -473,7 +473,7 @@ impl AgentHandles {
         AgentStatus {
             id: self.id.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            generated_at: SystemTime::now(),
+            generated_at: crate::clock::now(),
             uptime_secs: self.started.elapsed().as_secs(),
             sources: self
                 .sources
@@ -566,7 +566,7 @@ impl RelayHandles {
         RelayStatus {
             id: self.id.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            generated_at: SystemTime::now(),
+            generated_at: crate::clock::now(),
             uptime_secs: self.started.elapsed().as_secs(),
             connections,
             agents: agents.into_values().collect(),

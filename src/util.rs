@@ -136,7 +136,7 @@ pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
 
 /// Current time as RFC 3339 UTC with nanoseconds, e.g. `2026-11-26T01:02:03.123456789Z`.
 pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string()
+    humantime::format_rfc3339_nanos(crate::clock::now()).to_string()
 }
 
 /// The UTC day (`YYYY-MM-DD`) of an RFC 3339 timestamp produced by [`now_rfc3339`].

@@ -561,7 +561,7 @@ impl Writer {
         if !self.admit(&name, bytes.len() as u64, 0) {
             return Ok(());
         }
-        let (sha, _, _) = self.append(&name, bytes.len() as u64, SystemTime::now(), bytes)?;
+        let (sha, _, _) = self.append(&name, bytes.len() as u64, crate::clock::now(), bytes)?;
         self.manifest_members.push(ManifestMember {
             path: name,
             size: bytes.len() as u64,
@@ -708,7 +708,7 @@ impl Writer {
         if !self.admit(&name, stats.bytes, extra) {
             return Ok(());
         }
-        let (sha, _, _) = self.append(&name, stats.bytes, SystemTime::now(), scratch)?;
+        let (sha, _, _) = self.append(&name, stats.bytes, crate::clock::now(), scratch)?;
         let micros = |u: u64| format_time(SystemTime::UNIX_EPOCH + Duration::from_micros(u));
         self.manifest_members.push(ManifestMember {
             path: name,
@@ -1051,7 +1051,7 @@ fn finish(
     }
     let manifest = Manifest {
         format: FORMAT.to_string(),
-        created_at: SystemTime::now(),
+        created_at: crate::clock::now(),
         window_from,
         window_to: now,
         agent: AgentIdentity {
@@ -1079,7 +1079,7 @@ fn finish(
     w.append(
         MANIFEST_NAME,
         bytes.len() as u64,
-        SystemTime::now(),
+        crate::clock::now(),
         &bytes[..],
     )?;
     let tmp = w.tmp_path.clone();

@@ -12,7 +12,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -129,7 +128,7 @@ pub fn run_incident(
         }
     };
     let store = IncidentStore::open(&cfg.state_dir)?;
-    let now = SystemTime::now();
+    let now = crate::clock::now();
     let mut out = std::io::stdout().lock();
     match &args.cmd {
         IncidentCmd::List => {
@@ -221,7 +220,13 @@ pub fn run_incident(
                 let inputs = BundleInputs::from_config(&cfg);
                 // Tells a running agent's outbox that this bundle is being built here.
                 let marker = store.incident_dir(&inc.id)?.join(super::BUILDING_MARKER);
-                let _ = std::fs::write(&marker, b"");
+                let held = super::outbox::mark_building(&store.incident_dir(&inc.id)?);
+                if let Err(e) = &held {
+                    tracing::warn!(
+                        "cannot mark {} while building it ({e}); a running agent may build the same bundle",
+                        marker.display()
+                    );
+                }
                 let built = build_bundle(
                     &path,
                     &inc,
@@ -232,6 +237,7 @@ pub fn run_incident(
                 .with_context(|| format!("building the evidence bundle of {}", inc.id));
                 let recorded = built.and_then(|s| Ok((store.record_bundle(&inc.id, &s)?, s)));
                 let _ = std::fs::remove_file(&marker);
+                drop(held);
                 let (_, summary) = recorded?;
                 writeln!(
                     out,

@@ -332,12 +332,73 @@ pub fn last_ack(inc: &Incident) -> Option<SystemTime> {
         .map(|e| e.at)
 }
 
-/// Another process (the CLI) is building this bundle right now; a marker older than
-/// an hour is left over from a crash and ignored.
+/// Marks the bundle of `idir` as being built by this process until the returned file
+/// is dropped: the marker appears already locked (created aside, locked, renamed in), so
+/// an agent never finds it unlocked while the build runs.
+pub fn mark_building(idir: &Path) -> std::io::Result<std::fs::File> {
+    let marker = idir.join(super::BUILDING_MARKER);
+    let tmp = marker.with_extension("building.tmp");
+    let f = std::fs::File::create(&tmp)?;
+    if let Err(e) = f.lock() {
+        // Then the agent falls back to the marker's age (see `being_built`).
+        tracing::warn!("cannot lock {}: {e}", tmp.display());
+    }
+    std::fs::rename(&tmp, &marker)?;
+    Ok(f)
+}
+
+/// Another process (the CLI) is building this bundle right now: it holds the marker's
+/// lock, which dies with it, so a marker left by a crash is unlocked. The lock, not the
+/// marker's age, decides because a wall-clock age is wrong after the clock is stepped
+/// (a build of the last hour looked abandoned after a step forward, and a marker
+/// "from the future" after a step back). Where locks are unsupported, a marker touched
+/// within an hour either way of now counts as live.
 fn being_built(idir: &Path) -> bool {
-    std::fs::metadata(idir.join(super::BUILDING_MARKER))
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_some_and(|age| age < Duration::from_secs(3600))
+    let marker = idir.join(super::BUILDING_MARKER);
+    let Ok(f) = std::fs::File::open(&marker) else {
+        return false;
+    };
+    match f.try_lock_shared() {
+        Ok(()) => false,
+        Err(std::fs::TryLockError::WouldBlock) => true,
+        Err(std::fs::TryLockError::Error(_)) => {
+            f.metadata().and_then(|m| m.modified()).is_ok_and(|t| {
+                let now = crate::clock::now();
+                let age = now.duration_since(t).unwrap_or_else(|e| e.duration());
+                age < Duration::from_secs(3600)
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: the marker's wall-clock age decided, so a clock stepped a day forward
+    /// (or an hour back) during a CLI build made the agent build the same bundle too.
+    #[test]
+    fn bundle_being_built_survives_clock_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = mark_building(dir.path()).unwrap();
+        let marker = dir.path().join(super::super::BUILDING_MARKER);
+        let f = std::fs::File::options().write(true).open(&marker).unwrap();
+        let now = SystemTime::now();
+        for (step, mtime) in [
+            ("a day forward", now - Duration::from_secs(86_400)),
+            ("an hour back", now + Duration::from_secs(3600)),
+        ] {
+            f.set_modified(mtime).unwrap();
+            assert!(
+                being_built(dir.path()),
+                "a live build looked abandoned after the clock stepped {step}"
+            );
+        }
+        drop(held);
+        assert!(
+            !being_built(dir.path()),
+            "a marker whose builder is gone (a crash) is ignored"
+        );
+        assert!(!being_built(&dir.path().join("missing")));
+    }
 }

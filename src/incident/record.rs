@@ -198,7 +198,7 @@ impl TimelineEvent {
     }
 
     pub fn now(event: EventKind, detail: impl Into<String>) -> TimelineEvent {
-        TimelineEvent::new(event, SystemTime::now(), detail)
+        TimelineEvent::new(event, crate::clock::now(), detail)
     }
 }
 
@@ -443,7 +443,7 @@ impl IncidentStore {
                 "details longer than {MAX_DETAILS_BYTES} bytes"
             )));
         }
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         let discovered_at = req.discovered_at.unwrap_or(now);
         if discovered_at > now + FUTURE_SLACK {
             return Err(IncidentError::Invalid(format!(

@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -167,6 +167,8 @@ pub struct Collector {
     first_run: bool,
     /// Damaged files set aside at start, for status.
     quarantined: Vec<String>,
+    /// The wall clock was last seen before the open period's start (stepped back).
+    clock_behind: bool,
 }
 
 impl Collector {
@@ -219,7 +221,7 @@ impl Collector {
             checkpoints.spool_seq = r.seq;
         }
         let every = settings.every.as_secs().max(1);
-        let now = unix(SystemTime::now());
+        let now = unix(crate::clock::now());
         let state_path = dir.join("state.json");
         let mut state = match std::fs::read(&state_path) {
             Ok(b) => serde_json::from_slice::<State>(&b).unwrap_or_else(|e| {
@@ -274,6 +276,7 @@ impl Collector {
             status,
             first_run,
             quarantined,
+            clock_behind: false,
         };
         c.save()?;
         c.publish(None);
@@ -310,9 +313,7 @@ impl Collector {
 
     /// Stage a batch of alert records durably, in the period of now.
     pub fn stage(&mut self, b: &SealedBatch) -> Result<()> {
-        let at_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let at_ms = crate::clock::unix_ms();
         let meta = serde_json::to_vec(&Staged {
             at_ms,
             events: b.events,
@@ -336,7 +337,20 @@ impl Collector {
     /// Once a second: count, close what is due, note acknowledgements, persist.
     pub fn tick(&mut self) -> Result<()> {
         self.sample();
-        let now = unix(SystemTime::now());
+        let now = unix(crate::clock::now());
+        // A step back never reopens or re-closes a period (its item name may already be
+        // at the relay, which keeps the first copy): the open period just lasts until
+        // the clock reaches its end again, and takes the records staged meanwhile.
+        let behind = now < self.state.open_start;
+        if behind && !self.clock_behind {
+            tracing::warn!(
+                "intel: the wall clock ({}) is before the open period, which started {}: it was stepped back; that period stays open until {}, so none is closed twice",
+                format_time(from_unix(now)),
+                format_time(from_unix(self.state.open_start)),
+                format_time(from_unix(self.open_end()))
+            );
+        }
+        self.clock_behind = behind;
         let mut closed = 0;
         loop {
             let start = self.state.open_start;
@@ -377,7 +391,7 @@ impl Collector {
     /// `soclink intel run-now`: a partial item of the open period so far (a preview: the
     /// period's full item still carries all of its records).
     pub fn run_now(&mut self) -> Result<Queued> {
-        let now = unix(SystemTime::now());
+        let now = unix(crate::clock::now());
         let start = self.state.open_start;
         let q = self.close(start, now.max(start), Some(now))?;
         self.save()?;
@@ -505,7 +519,7 @@ impl Collector {
             period_start: format_time(from_unix(start)),
             period_end: format_time(from_unix(end)),
             partial: partial_at.is_some(),
-            generated_at: format_time(SystemTime::now()),
+            generated_at: format_time(crate::clock::now()),
             records,
             records_bytes: bytes,
             records_sha256: crate::incident::hex(&hasher.finalize()),
@@ -629,7 +643,7 @@ impl Collector {
                 period_end: q.period_end,
                 partial: q.partial,
                 records: q.records,
-                acknowledged_at: format_time(SystemTime::now()),
+                acknowledged_at: format_time(crate::clock::now()),
             });
             self.state.delivered_total += 1;
             changed = true;
@@ -743,5 +757,118 @@ impl Collector {
     /// The periodic save of the counts between closes.
     fn save_counts(&mut self) -> Result<()> {
         self.save()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::fake;
+
+    const H: u64 = 3600;
+    /// 2025-11-26T10:00:00Z, a period boundary for `every = "1h"`.
+    const B: u64 = 1_764_151_200;
+
+    fn collector(dir: &Path) -> Collector {
+        let text = format!(
+            "id = \"a\"\nstate_dir = {:?}\n[[source]]\nname = \"app\"\ntype = \"file\"\ninclude = [{:?}]\n\
+             [upstream]\naddress = \"127.0.0.1:9\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+             [intel]\nevery = \"1h\"\ninclude = [{:?}]\n",
+            dir.join("state"),
+            dir.join("app.log"),
+            dir.join("eve.json")
+        );
+        let cfg = crate::config::parse_agent(&text).unwrap_or_else(|p| panic!("{p:?}"));
+        let (priority, _) = Spool::open(&dir.join("spool"), SpoolOptions::default()).unwrap();
+        let handles = AgentHandles::new(
+            &cfg,
+            Vec::new(),
+            priority.clone(),
+            None,
+            std::time::Instant::now(),
+        );
+        let settings = cfg.intel.as_ref().unwrap();
+        Collector::open(settings, "a", "h", &cfg.state_dir, priority, handles).unwrap()
+    }
+
+    fn batch(tag: &str) -> SealedBatch {
+        SealedBatch {
+            source: SOURCE.into(),
+            day: "2025-11-26".into(),
+            events: 1,
+            raw: format!("{{\"alert\":\"{tag}\"}}\n").into_bytes(),
+            cursor: None,
+        }
+    }
+
+    /// (item name, records) of every item queued so far.
+    fn queued(c: &Collector) -> Vec<(String, u64)> {
+        c.state
+            .queue
+            .iter()
+            .map(|q| (q.name.clone(), q.records))
+            .collect()
+    }
+
+    #[test]
+    fn intel_period_not_closed_twice_after_clock_steps_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = fake::set(from_unix(B - 10));
+        let mut c = collector(dir.path());
+        c.stage(&batch("before")).unwrap();
+        clock.jump(20);
+        c.tick().unwrap();
+        let first = vec![(item_name(B - H, None), 1)];
+        assert_eq!(queued(&c), first);
+
+        clock.jump(-3600);
+        c.stage(&batch("behind")).unwrap();
+        for _ in 0..5 {
+            c.tick().unwrap();
+            clock.jump(60);
+        }
+        assert_eq!(
+            queued(&c),
+            first,
+            "a period closed again while the clock was behind"
+        );
+        assert!(c.clock_behind);
+        assert_eq!(c.state.open_start, B);
+
+        // The clock reaches the open period's end again: it closes once, with the record
+        // staged while the clock was behind.
+        clock.jump(2 * 3600);
+        c.tick().unwrap();
+        c.tick().unwrap();
+        assert_eq!(
+            queued(&c),
+            vec![(item_name(B - H, None), 1), (item_name(B, None), 1)]
+        );
+        assert!(!c.clock_behind);
+    }
+
+    #[test]
+    fn intel_forward_step_closes_each_skipped_period_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = fake::set(from_unix(B - 10));
+        let mut c = collector(dir.path());
+        c.stage(&batch("before")).unwrap();
+        clock.jump(86_400 + 20);
+        c.tick().unwrap();
+        c.stage(&batch("after")).unwrap();
+        c.tick().unwrap();
+        // [B-1h, B) with the record, then the 24 skipped periods, empty, once each.
+        let mut want = vec![(item_name(B - H, None), 1)];
+        want.extend((0..24).map(|k| (item_name(B + k * H, None), 0)));
+        assert_eq!(queued(&c), want);
+        assert_eq!(c.state.open_start, B + 24 * H);
+        clock.jump(3600);
+        c.tick().unwrap();
+        assert_eq!(
+            queued(&c).last().unwrap(),
+            &(item_name(B + 24 * H, None), 1),
+            "the record staged after the step is in the period of its staging"
+        );
+        assert_eq!(queued(&c).len(), 26);
     }
 }

@@ -221,7 +221,7 @@ impl Server {
             let mut p = lock(&self.peers);
             p.next += 1;
             let id = p.next;
-            let now = SystemTime::now();
+            let now = crate::clock::now();
             p.live.insert(
                 id,
                 PeerStatus {
@@ -383,7 +383,7 @@ impl Server {
                         break Ok(());
                     }
                     let mut p = lock(&self.peers);
-                    let now = SystemTime::now();
+                    let now = crate::clock::now();
                     p.last_seen.insert(identity.to_string(), now);
                     for peer in p.live.values_mut().filter(|x| x.identity == identity) {
                         peer.last_seen = now;

@@ -1025,7 +1025,7 @@ impl Store {
             key.clone(),
             FileEntry {
                 len,
-                touched_unix: unix_secs(SystemTime::now()),
+                touched_unix: unix_secs(crate::clock::now()),
             },
         );
         // On failure the old or the new state is on disk; both are safe (an intent for
@@ -1078,7 +1078,7 @@ impl Store {
         for dir in self.dirs_to_sync.iter().rev() {
             self.fs.sync_dir(dir).map_err(io_err("fsync", dir))?;
         }
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         let now_unix = unix_secs(now);
         let mut next: Vec<(String, AgentState)> = Vec::with_capacity(self.dirty.len());
         for name in &self.dirty {

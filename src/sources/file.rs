@@ -38,7 +38,7 @@ use super::SealedBatch;
 use super::checkpoint::FilePos;
 use crate::config::{FileSourceConfig, StartAt};
 use crate::event::{FilePrefix, encode_file_line};
-use crate::util::{day_of, now_rfc3339};
+use crate::util::now_rfc3339;
 
 /// Fingerprint covers up to this many leading bytes.
 const FP_MAX: usize = 256;
@@ -165,6 +165,7 @@ struct Open {
     day: String,
     started: Option<Instant>,
     cursor: HashMap<Key, FilePos>,
+    days: crate::clock::DayFiler,
 }
 
 pub struct FileSource {
@@ -218,6 +219,7 @@ impl FileSource {
                 day: String::new(),
                 started: None,
                 cursor: HashMap::new(),
+                days: crate::clock::DayFiler::default(),
             },
             buf: vec![0; READ_CHUNK],
             known: checkpoint
@@ -843,7 +845,7 @@ impl FileSource {
     /// as they fill.
     fn consume(&mut self, key: Key, data: &[u8]) {
         let ts = now_rfc3339();
-        let day = day_of(&ts).to_string();
+        let day = self.batch.days.day(&ts).to_string();
         let max = self.cfg.max_line_bytes as usize;
         let mut pos = 0usize;
         loop {
@@ -924,7 +926,7 @@ impl FileSource {
 
     fn flush_partial(&mut self, key: Key) {
         let ts = now_rfc3339();
-        let day = day_of(&ts).to_string();
+        let day = self.batch.days.day(&ts).to_string();
         if self.batch.events > 0 && self.batch.day != day {
             self.seal();
         }

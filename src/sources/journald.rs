@@ -337,7 +337,7 @@ impl JournaldSource {
             Err(e) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(source = %self.name, "journal entry without a readable timestamp ({e}); using the receive time");
-                SystemTime::now()
+                crate::clock::now()
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
             }

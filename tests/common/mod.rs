@@ -295,6 +295,8 @@ pub struct RelayProc {
     pub store: PathBuf,
     pub port: u16,
     pub child: Option<Child>,
+    /// Extra environment for the process (on top of the test's own).
+    pub env: Vec<(String, String)>,
 }
 
 impl RelayProc {
@@ -324,6 +326,7 @@ impl RelayProc {
             store,
             port,
             child: None,
+            env: Vec::new(),
         }
     }
 
@@ -342,6 +345,7 @@ impl RelayProc {
             .args(["relay", "-c"])
             .arg(&self.config)
             .env("SOCLINK_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
