@@ -7,9 +7,10 @@
 //!   that stores in order and dedupes by seq. Real [`Spool`] on the simulated file
 //!   system (segments so small that every ack deletes files under the reader), real
 //!   [`Window`] and [`resume_ack`] from `src/ship.rs`.
-//! - **relay** (`relay_two_connections_of_one_agent`): an old connection of an agent
-//!   still draining its buffered batches while the agent reconnects, both feeding the
-//!   one store writer, with and without a batch the disk refuses. Real [`Store`] on an
+//! - **relay** (`relay_two_connections_of_one_agent{,_disk_full}`): an old
+//!   connection of an agent still draining its buffered batches while the agent
+//!   reconnects, both feeding the one store writer, with and without a batch the disk
+//!   refuses. Real [`Store`] on an
 //!   in-memory [`StoreFs`], real [`GroupWriter`] (the store writer thread's per-group
 //!   logic: dedupe, gap refusal after a failure, commit, then replies).
 //!
@@ -20,9 +21,18 @@
 //! internals the code does not depend on. The races that matter are between whole
 //! calls (append vs read vs ack; submit vs group commit vs HelloAck), so each actor
 //! here is a sequence of atomic steps, each one call (or one critical section) of the
-//! real code, and a stateless depth-first search replays every schedule from a fresh
-//! state. After every step the invariants are checked; at every end state the
-//! liveness ones (everything delivered, acknowledged, stored once).
+//! real code, and a depth-first search replays every schedule from a fresh state,
+//! stopping a schedule where it reaches a state already explored (so each distinct
+//! state runs once, yet every interleaving is covered). After every step the
+//! invariants are checked; at every end state the liveness ones (everything
+//! delivered, acknowledged, stored once). A violation prints its schedule; `replay`
+//! turns one into a regression test (`stale_connection_cannot_skip_a_failed_batch`).
+//!
+//! Not modelled, argued instead: the shipper's wake-up on new durable records cannot
+//! be lost. Each session subscribes to `watch_durable` before its first fill; a commit
+//! after that marks the watch changed, the waker's `try_send` into a one-slot channel
+//! either queues a wake or finds one queued, and every wake (and a 1 s tick) runs the
+//! fill again. So the model lets `send` run whenever a durable record is waiting.
 //!
 //! Invariants, agent model: a batch is sent only if it is durable in the spool and
 //! byte for byte what was appended under its seq; each connection sends each seq once,
@@ -36,8 +46,9 @@
 //! agent never frees a batch the store does not hold; at the end everything is stored
 //! once when no connection was refused.
 //!
-//! The default bounds run in a few seconds; `SOCLINK_SOAK=1` widens them (more
-//! batches, more reconnects). Each test prints the schedules explored and the time.
+//! The default bounds run in about 15 s; `SOCLINK_SOAK=1` widens them (more batches,
+//! a third connection, more reconnects). Each case prints the interleavings covered,
+//! the distinct states run and the time (`-- --nocapture`).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io;
@@ -864,7 +875,7 @@ impl Model for RelayModel {
                 let Some(c) = self.conns.get(a / 2) else {
                     return false;
                 };
-                if a % 2 == 0 {
+                if a.is_multiple_of(2) {
                     c.next <= c.last && (c.acker_alive || c.submits_after_acker > 0)
                 } else {
                     c.acker_alive && matches!(c.replies.front(), Some((_, Reply::Done(_))))
@@ -902,7 +913,7 @@ impl Model for RelayModel {
                     }
                 }
             }
-            _ if a % 2 == 0 => {
+            _ if a.is_multiple_of(2) => {
                 let c = &mut self.conns[a / 2];
                 let seq = c.next;
                 c.next += 1;
@@ -1008,25 +1019,36 @@ impl Model for RelayModel {
     }
 }
 
-#[test]
-fn relay_two_connections_of_one_agent() {
-    // (batches, connections, the batch whose first write hits a full disk)
-    let mut cases = vec![
-        (3, 2, None),
-        (3, 2, Some(2)),
-        (4, 2, Some(3)),
-        (2, 3, Some(1)),
-    ];
-    if soak() {
-        cases = vec![(5, 2, None), (5, 2, Some(2)), (3, 3, None), (3, 3, Some(2))];
-    }
-    for (batches, conns, fail) in cases {
-        let name = format!("relay batches={batches} connections={conns} fail={fail:?}");
+fn relay_cases(name: &str, cases: &[(u64, usize, Option<u64>)]) {
+    for &(batches, conns, fail) in cases {
+        let name = format!("{name} batches={batches} connections={conns} fail={fail:?}");
         let s = explore(&name, || RelayModel::new(batches, conns, fail), 200);
         assert_eq!(s.cut, 0, "{name}: schedules cut at the step bound");
         assert!(
             s.interleavings > 1000,
             "{name}: suspiciously few interleavings"
+        );
+    }
+}
+
+#[test]
+fn relay_two_connections_of_one_agent() {
+    // (batches, connections, the batch whose first write hits a full disk)
+    if soak() {
+        relay_cases("relay", &[(5, 2, None), (3, 3, None)]);
+    } else {
+        relay_cases("relay", &[(3, 2, None), (2, 3, None)]);
+    }
+}
+
+#[test]
+fn relay_two_connections_of_one_agent_disk_full() {
+    if soak() {
+        relay_cases("relay", &[(5, 2, Some(2)), (3, 3, Some(1))]);
+    } else {
+        relay_cases(
+            "relay",
+            &[(3, 2, Some(1)), (4, 2, Some(2)), (2, 3, Some(1))],
         );
     }
 }
@@ -1038,6 +1060,25 @@ fn relay_two_connections_of_one_agent() {
 /// across the gap and the resent #3 then dropped as a duplicate: #3 lost, yet acked.
 #[test]
 fn stale_connection_cannot_skip_a_failed_batch() {
+    // As the model first reported it: all in one group, the agent having given up the
+    // old connection (ack timeout) while its batches were still queued.
+    let found = [
+        "read0",
+        "read0",
+        "reconnect",
+        "read1",
+        "read0",
+        "read1",
+        "read1",
+        "gather",
+        "gather",
+        "gather",
+        "gather",
+        "gather",
+        "gather",
+        "write",
+    ];
+    replay(RelayModel::new(3, 2, Some(1)), &found).expect("#2 not skipped");
     let schedule = [
         "read0",
         "read0",
