@@ -81,9 +81,92 @@ pub struct Shipper {
 }
 
 /// Per-session state of a lane.
+#[derive(Debug, Clone)]
 struct LaneState {
     next: u64,
     inflight: VecDeque<(u64, u64)>, // (seq, bytes)
+}
+
+/// The batches one session sent and the relay has not acknowledged yet, per lane.
+///
+/// Kept apart from the socket code so `tests/interleavings.rs` can drive the very logic
+/// the session runs (send, ack, reconnect) under every interleaving with the spool's
+/// writer. A window lives for one session: after a reconnect a new one starts after
+/// the spool's acknowledged seq, so everything unacknowledged is sent again.
+#[derive(Debug, Clone)]
+pub struct Window {
+    max_batches: usize,
+    max_bytes: u64,
+    lanes: Vec<LaneState>,
+    count: usize,
+    bytes: u64,
+}
+
+impl Window {
+    /// A window for one session; `acked[i]` is lane `i`'s acknowledged seq.
+    pub fn new(acked: &[u64], max_batches: usize, max_bytes: u64) -> Window {
+        Window {
+            max_batches,
+            max_bytes,
+            lanes: acked
+                .iter()
+                .map(|a| LaneState {
+                    next: a + 1,
+                    inflight: VecDeque::new(),
+                })
+                .collect(),
+            count: 0,
+            bytes: 0,
+        }
+    }
+
+    /// No more batches may be sent until an ack frees some.
+    pub fn is_full(&self) -> bool {
+        self.count >= self.max_batches || self.bytes >= self.max_bytes
+    }
+
+    /// The seq lane `lane` sends next (the spool may hand out a later one).
+    pub fn next(&self, lane: usize) -> u64 {
+        self.lanes[lane].next
+    }
+
+    /// Batches in flight, all lanes.
+    pub fn in_flight(&self) -> usize {
+        self.count
+    }
+
+    /// Record `seq` of `lane` (`bytes` long) as sent.
+    pub fn sent(&mut self, lane: usize, seq: u64, bytes: u64) {
+        let st = &mut self.lanes[lane];
+        st.inflight.push_back((seq, bytes));
+        st.next = seq + 1;
+        self.count += 1;
+        self.bytes += bytes;
+    }
+
+    /// The relay acknowledged every batch of `lane` up to `seq`: frees them and returns
+    /// the highest seq freed, the one to acknowledge in the spool (None if nothing was).
+    pub fn ack(&mut self, lane: usize, seq: u64) -> Option<u64> {
+        let st = &mut self.lanes[lane];
+        let mut upto = None;
+        while let Some(&(s, size)) = st.inflight.front() {
+            if s > seq {
+                break;
+            }
+            st.inflight.pop_front();
+            self.count -= 1;
+            self.bytes -= size;
+            upto = Some(s);
+        }
+        upto
+    }
+}
+
+/// What a lane acknowledges in its spool when the relay's `HelloAck` reports
+/// `relay_pos`: the relay stored batches whose ack this side never saw. Capped at the
+/// spool's durable seq (a relay ahead of it has seen another spool's batches).
+pub fn resume_ack(relay_pos: u64, acked: u64, durable: u64) -> Option<u64> {
+    (relay_pos > acked).then(|| relay_pos.min(durable))
 }
 
 impl Shipper {
@@ -216,24 +299,21 @@ impl Shipper {
                 other.frame_type()
             ),
         };
-        let mut states = Vec::with_capacity(self.lanes.len());
+        let mut acked = Vec::with_capacity(self.lanes.len());
         for lane in &self.lanes {
             let relay_pos = ack
                 .resume
                 .iter()
                 .find(|r| r.stream == lane.stream)
                 .map_or(0, |r| r.last_seq);
-            if relay_pos > lane.spool.acked() {
-                // The relay stored batches whose acknowledgement we never saw.
+            let stats = lane.spool.stats();
+            if let Some(upto) = resume_ack(relay_pos, stats.acked, stats.durable_seq) {
                 let sp = lane.spool.clone();
-                let upto = relay_pos.min(lane.spool.stats().durable_seq);
                 tokio::task::spawn_blocking(move || sp.ack(upto)).await??;
             }
-            states.push(LaneState {
-                next: lane.spool.acked() + 1,
-                inflight: VecDeque::new(),
-            });
+            acked.push(lane.spool.acked());
         }
+        let mut window = Window::new(&acked, WINDOW_BATCHES, WINDOW_BYTES);
         {
             let mut st = lock(&self.status);
             st.connected = true;
@@ -279,8 +359,6 @@ impl Shipper {
             })));
         }
 
-        let mut inflight_count = 0usize;
-        let mut inflight_bytes = 0u64;
         let mut last_rx = Instant::now();
         // When the window last went from empty to busy: an ack is due from then on.
         let mut busy_since = Instant::now();
@@ -292,14 +370,13 @@ impl Shipper {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Fill the window from the lanes, first lane first.
-            'fill: for (lane, state) in self.lanes.iter().zip(states.iter_mut()) {
+            'fill: for (i, lane) in self.lanes.iter().enumerate() {
                 while draining.is_none()
-                    && inflight_count < WINDOW_BATCHES
-                    && inflight_bytes < WINDOW_BYTES
-                    && state.next <= lane.spool.stats().durable_seq
+                    && !window.is_full()
+                    && window.next(i) <= lane.spool.stats().durable_seq
                 {
                     let sp = lane.spool.clone();
-                    let want = state.next;
+                    let want = window.next(i);
                     let rec = tokio::task::spawn_blocking(move || sp.read(want)).await??;
                     let Some(rec) = rec else { break };
                     let meta: BatchMeta = serde_json::from_slice(&rec.meta).with_context(|| {
@@ -323,19 +400,16 @@ impl Shipper {
                                 rec.seq
                             )
                         })??;
-                    if inflight_count == 0 {
+                    if window.in_flight() == 0 {
                         busy_since = Instant::now();
                     }
-                    state.inflight.push_back((rec.seq, size));
-                    inflight_count += 1;
-                    inflight_bytes += size;
-                    state.next = rec.seq + 1;
+                    window.sent(i, rec.seq, size);
                 }
-                if inflight_count >= WINDOW_BATCHES || inflight_bytes >= WINDOW_BYTES {
+                if window.is_full() {
                     break 'fill;
                 }
             }
-            if draining.is_some() && inflight_count == 0 {
+            if draining.is_some() && window.in_flight() == 0 {
                 let _ = wr.shutdown().await;
                 return Ok(());
             }
@@ -353,16 +427,7 @@ impl Shipper {
                             let Some(i) = self.lanes.iter().position(|l| l.stream == a.stream) else {
                                 bail!("the relay acknowledged unknown stream {:?}", a.stream);
                             };
-                            let state = &mut states[i];
-                            let mut upto = 0;
-                            while let Some(&(seq, size)) = state.inflight.front() {
-                                if seq > a.seq { break; }
-                                state.inflight.pop_front();
-                                inflight_count -= 1;
-                                inflight_bytes -= size;
-                                upto = seq;
-                            }
-                            if upto > 0 {
+                            if let Some(upto) = window.ack(i, a.seq) {
                                 let sp = self.lanes[i].spool.clone();
                                 tokio::task::spawn_blocking(move || sp.ack(upto)).await??;
                                 let mut st = lock(&self.status);
@@ -381,6 +446,7 @@ impl Shipper {
                 _ = wake_rx.recv() => {}
                 _ = tick.tick() => {
                     let quiet = last_rx.elapsed();
+                    let inflight_count = window.in_flight();
                     let waited = last_rx.max(busy_since).elapsed();
                     if inflight_count > 0 && waited > ACK_TIMEOUT {
                         bail!("no acknowledgement from the relay for {}s with {inflight_count} batches in flight", waited.as_secs());

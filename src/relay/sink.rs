@@ -155,23 +155,57 @@ fn store_writer(
     store: Arc<Mutex<Store>>,
     store_dir: std::path::PathBuf,
 ) {
-    // (agent, stream) -> when a batch of it last failed to be stored.
-    let mut failed: std::collections::HashMap<(String, String), std::time::Instant> =
-        Default::default();
+    let mut writer = GroupWriter::default();
     while let Some(group) = gather(&mut rx) {
         let mut st = lock(&store);
+        if writer.write_group(&mut st, &store_dir, group).is_err() {
+            return;
+        }
+    }
+}
+
+/// What the store writer thread does with one gathered group: stores or refuses each
+/// batch, commits once, then answers every batch. The only state kept between groups
+/// is which streams recently failed to store a batch. Public so `tests/interleavings.rs`
+/// can run it step by step between racing connections.
+#[derive(Debug, Default)]
+pub struct GroupWriter {
+    /// (agent, stream) -> when a batch of it last failed to be stored.
+    failed: std::collections::HashMap<(String, String), std::time::Instant>,
+}
+
+impl GroupWriter {
+    /// Stores `group` into `st` (items under `store_dir`), commits, and sends each
+    /// request's reply; every reply is sent only after the commit. `Err` when the
+    /// commit failed: every reply was an error and the store must be reopened.
+    #[allow(clippy::result_unit_err)]
+    pub fn write_group(
+        &mut self,
+        st: &mut Store,
+        store_dir: &std::path::Path,
+        group: Vec<WriteReq>,
+    ) -> Result<(), ()> {
         let mut results: Vec<(oneshot::Sender<WriteResult>, WriteResult)> = Vec::new();
         for r in group {
+            let key = (r.agent.clone(), r.stream.clone());
+            // The entry stays for the whole period even after a later batch of the
+            // stream was stored: a connection the sender already gave up may still
+            // deliver batches from beyond the one that failed, after the reconnected
+            // sender stored its first resend (tests/interleavings.rs,
+            // `stale_connection_cannot_skip_a_failed_batch`).
+            let after_failure = self
+                .failed
+                .get(&key)
+                .is_some_and(|t| t.elapsed() < REFUSE_GAP_AFTER_FAILURE);
             if let Some(item) = &r.meta.item {
-                let res = store_item(&mut st, &store_dir, &r, item);
+                let res = store_item(st, store_dir, &r, item, after_failure);
+                if res.is_err() {
+                    self.note_failure(key);
+                }
                 results.push((r.reply, res));
                 continue;
             }
-            let key = (r.agent.clone(), r.stream.clone());
             let mut out = st.append(&r.agent, &r.stream, r.seq, &r.source, &r.day, &r.gzip);
-            let after_failure = failed
-                .get(&key)
-                .is_some_and(|t| t.elapsed() < REFUSE_GAP_AFTER_FAILURE);
             if let Ok(AppendOutcome::Gap { expected }) = out
                 && !after_failure
             {
@@ -188,30 +222,16 @@ fn store_writer(
             let res = match &out {
                 Ok(AppendOutcome::Appended) => Ok(Stored::Appended),
                 Ok(AppendOutcome::Duplicate) => Ok(Stored::Duplicate),
-                Ok(AppendOutcome::Gap { expected }) => Err(format!(
-                    "batch {}#{} of {:?} skips ahead: the relay expected #{expected}{}",
-                    r.stream,
-                    r.seq,
-                    r.agent,
-                    if after_failure {
-                        ", which it could not store: send that one again first"
-                    } else {
-                        ""
-                    }
-                )),
+                Ok(AppendOutcome::Gap { expected }) => {
+                    Err(gap_refusal(&r, *expected, after_failure))
+                }
                 Err(e) => Err(format!("cannot store batch {}#{}: {e}", r.stream, r.seq)),
             };
-            match &res {
-                Err(e) => {
-                    tracing::warn!(agent = %r.agent, "{e}");
-                    if !matches!(out, Ok(AppendOutcome::Gap { .. })) {
-                        failed.insert(key, std::time::Instant::now());
-                    }
+            if let Err(e) = &res {
+                tracing::warn!(agent = %r.agent, "{e}");
+                if !matches!(out, Ok(AppendOutcome::Gap { .. })) {
+                    self.note_failure(key);
                 }
-                Ok(Stored::Appended) => {
-                    failed.remove(&key);
-                }
-                Ok(Stored::Duplicate) => {}
             }
             results.push((r.reply, res));
         }
@@ -223,13 +243,34 @@ fn store_writer(
             for (reply, _) in results {
                 let _ = reply.send(Err(format!("the relay could not store the batch: {e}")));
             }
-            return;
+            return Err(());
         }
-        drop(st);
         for (reply, res) in results {
             let _ = reply.send(res);
         }
+        Ok(())
     }
+
+    fn note_failure(&mut self, key: (String, String)) {
+        // Expired entries go, so the map stays as small as the set of recent failures.
+        self.failed
+            .retain(|_, t| t.elapsed() < REFUSE_GAP_AFTER_FAILURE);
+        self.failed.insert(key, std::time::Instant::now());
+    }
+}
+
+fn gap_refusal(r: &WriteReq, expected: u64, after_failure: bool) -> String {
+    format!(
+        "batch {}#{} of {:?} skips ahead: the relay expected #{expected}{}",
+        r.stream,
+        r.seq,
+        r.agent,
+        if after_failure {
+            ", which it could not store: send that one again first"
+        } else {
+            ""
+        }
+    )
 }
 
 /// An incident record, report or bundle chunk: written (and fsynced) in its own
@@ -241,9 +282,18 @@ fn store_item(
     store_dir: &std::path::Path,
     r: &WriteReq,
     item: &crate::batch::Item,
+    after_failure: bool,
 ) -> WriteResult {
-    if r.seq <= st.position(&r.agent, &r.stream) {
+    let position = st.position(&r.agent, &r.stream);
+    if r.seq <= position {
         return Ok(Stored::Duplicate);
+    }
+    if after_failure && r.seq > position + 1 {
+        // As for log batches: storing it would move the position past the one that
+        // failed, and the sender would then drop that one as acknowledged.
+        let msg = gap_refusal(r, position + 1, true);
+        tracing::warn!(agent = %r.agent, "{msg}");
+        return Err(msg);
     }
     let stored = match item {
         crate::batch::Item::IntelChunk {
