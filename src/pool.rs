@@ -122,7 +122,8 @@ pub fn trim_idle() {
 /// Uncompressed batches (`batch_max_bytes`, 1 MiB by default): one is being filled by
 /// each source, the others wait for or are in compression.
 pub static BATCHES: BufPool = BufPool::new(4, 4 << 20);
-/// gzip output of a batch, from compression until it is appended to the spool.
+/// gzip output of a batch, from compression until it is appended to the spool; and a
+/// spooled batch read back by the shipper, until it is written to TLS.
 pub static GZIP: BufPool = BufPool::new(4, 4 << 20);
 
 /// Deflate states kept for reuse, with their level (zlib-rs allocates about 300 KiB

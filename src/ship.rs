@@ -47,6 +47,8 @@ const KEEPALIVE: Duration = Duration::from_secs(30);
 /// connection swallows what we send and never answers): give it up and reconnect.
 /// Also bounds a single frame write, so a peer that stopped reading cannot hang us.
 const ACK_TIMEOUT: Duration = Duration::from_secs(15);
+/// Most frames from the relay handled together (their acks cost one ledger write).
+const ACK_BURST: usize = 256;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -400,6 +402,11 @@ impl Shipper {
                                 rec.seq
                             )
                         })??;
+                    if let Frame::Batch(b) = frame
+                        && let Ok(buf) = b.gzip.try_into_mut()
+                    {
+                        crate::pool::GZIP.give(buf.into());
+                    }
                     if window.in_flight() == 0 {
                         busy_since = Instant::now();
                     }
@@ -415,32 +422,75 @@ impl Shipper {
             }
             tokio::select! {
                 f = frx.recv() => {
-                    let f = match f {
-                        Some(Ok(f)) => f,
-                        Some(Err(protocol::ProtocolError::Closed)) | None => bail!("the relay closed the connection"),
-                        Some(Err(e)) => return Err(e.into()),
-                    };
-                    last_rx = Instant::now();
-                    pinged = false;
-                    match f {
-                        Frame::Ack(a) => {
-                            let Some(i) = self.lanes.iter().position(|l| l.stream == a.stream) else {
-                                bail!("the relay acknowledged unknown stream {:?}", a.stream);
-                            };
-                            if let Some(upto) = window.ack(i, a.seq) {
-                                let sp = self.lanes[i].spool.clone();
-                                tokio::task::spawn_blocking(move || sp.ack(upto)).await??;
-                                let mut st = lock(&self.status);
-                                st.last_ack = Some(crate::clock::now());
-                                if i + 1 == self.lanes.len() {
-                                    st.acked_seq = upto;
+                    // The relay acknowledges every batch of a group commit at once. Take
+                    // all frames already here and write each lane's ack ledger (an fsync
+                    // of the file and one of the directory) once for the burst, not once
+                    // per batch.
+                    let mut frames = vec![f];
+                    while frames.len() < ACK_BURST {
+                        match frx.try_recv() {
+                            Ok(f) => frames.push(Some(f)),
+                            Err(_) => break,
+                        }
+                    }
+                    let mut acked = vec![0u64; self.lanes.len()];
+                    let mut failed = None;
+                    for f in frames {
+                        let f = match f {
+                            Some(Ok(f)) => f,
+                            Some(Err(protocol::ProtocolError::Closed)) | None => {
+                                failed = Some(anyhow!("the relay closed the connection"));
+                                break;
+                            }
+                            Some(Err(e)) => {
+                                failed = Some(e.into());
+                                break;
+                            }
+                        };
+                        match f {
+                            Frame::Ack(a) => {
+                                let Some(i) = self.lanes.iter().position(|l| l.stream == a.stream) else {
+                                    failed = Some(anyhow!("the relay acknowledged unknown stream {:?}", a.stream));
+                                    break;
+                                };
+                                if let Some(upto) = window.ack(i, a.seq) {
+                                    acked[i] = upto;
                                 }
                             }
+                            Frame::Ping(n) => {
+                                if let Err(e) = protocol::write_frame(&mut wr, &Frame::Pong(n)).await {
+                                    failed = Some(e.into());
+                                    break;
+                                }
+                            }
+                            Frame::Pong(_) => {}
+                            Frame::Error(e) => {
+                                failed = Some(anyhow!("the relay closed the connection: {} ({:?})", e.message, e.code));
+                                break;
+                            }
+                            other => {
+                                failed = Some(anyhow!("unexpected {:?} frame from the relay", other.frame_type()));
+                                break;
+                            }
                         }
-                        Frame::Ping(n) => protocol::write_frame(&mut wr, &Frame::Pong(n)).await?,
-                        Frame::Pong(_) => {}
-                        Frame::Error(e) => bail!("the relay closed the connection: {} ({:?})", e.message, e.code),
-                        other => bail!("unexpected {:?} frame from the relay", other.frame_type()),
+                    }
+                    last_rx = Instant::now();
+                    pinged = false;
+                    // Acknowledgements taken before a failure are still recorded.
+                    for (i, upto) in acked.into_iter().enumerate() {
+                        if upto == 0 {
+                            continue;
+                        }
+                        let sp = self.lanes[i].spool.clone();
+                        tokio::task::spawn_blocking(move || sp.ack(upto)).await??;
+                        let mut st = lock(&self.status);
+                        st.last_ack = Some(crate::clock::now());
+                        if i + 1 == self.lanes.len() {
+                            st.acked_seq = upto;
+                        }
+                    }
+                    if let Some(e) = failed {
+                        return Err(e);
                     }
                 }
                 _ = wake_rx.recv() => {}
