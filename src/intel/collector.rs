@@ -35,9 +35,9 @@ use crate::batch::Item;
 use crate::incident::record::format_time;
 use crate::sources::SealedBatch;
 use crate::sources::checkpoint::Checkpoints;
+use crate::spool::fs::{Fs, FsWriter, RealFs, read_all, write_atomic};
 use crate::spool::{Spool, SpoolOptions};
 use crate::status::AgentHandles;
-use crate::util::write_atomic;
 
 /// How often the state file is rewritten while only the counts change.
 const PERSIST_EVERY: Duration = Duration::from_secs(5);
@@ -122,6 +122,9 @@ pub struct IntelStatus {
     pub last_error: Option<String>,
 }
 
+/// Where the collector reads the time (a test drives it by hand).
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
 /// A `run-now` request and where its answer goes.
 pub type RunNow = oneshot::Sender<Result<Queued, String>>;
 
@@ -162,6 +165,9 @@ pub struct Collector {
     last_tick: Option<std::time::Instant>,
     status: Arc<Mutex<IntelStatus>>,
     first_run: bool,
+    /// Every durable file of the collector goes through here (a test simulates crashes).
+    fs: Arc<dyn Fs>,
+    clock: Clock,
 }
 
 impl Collector {
@@ -174,10 +180,34 @@ impl Collector {
         priority: Spool,
         handles: AgentHandles,
     ) -> Result<Collector> {
+        Collector::open_with(
+            settings,
+            agent,
+            host,
+            state_dir,
+            priority,
+            handles,
+            Arc::new(RealFs),
+            Arc::new(SystemTime::now),
+        )
+    }
+
+    /// [`Collector::open`] on the file system `fs` and the clock `clock`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open_with(
+        settings: &IntelSettings,
+        agent: &str,
+        host: &str,
+        state_dir: &Path,
+        priority: Spool,
+        handles: AgentHandles,
+        fs: Arc<dyn Fs>,
+        clock: Clock,
+    ) -> Result<Collector> {
         let dir = state_dir.join("intel");
-        crate::util::create_dir_all_durable(&dir.join("outbox"))
+        fs.create_dir_all_durable(&dir.join("outbox"))
             .with_context(|| format!("cannot create {}", dir.display()))?;
-        let (staging, rec) = Spool::open(
+        let (staging, rec) = Spool::open_with_fs(
             &dir.join("staging"),
             SpoolOptions {
                 // Room for a few periods at the upload cap while the link is down.
@@ -185,13 +215,14 @@ impl Collector {
                 segment_size: 16 << 20,
                 gate_on_checkpoint: true,
             },
+            fs.clone(),
         )
         .with_context(|| format!("cannot open the intel staging spool in {}", dir.display()))?;
         for m in &rec.messages {
             tracing::warn!("intel staging recovery: {m}");
         }
         let ck_path = Checkpoints::path(&dir);
-        let mut checkpoints = Checkpoints::load(&ck_path).unwrap_or_else(|e| {
+        let mut checkpoints = Checkpoints::load_with(&*fs, &ck_path).unwrap_or_else(|e| {
             tracing::error!("{e}; intel files are read again from their start_at position");
             Checkpoints::default()
         });
@@ -205,12 +236,12 @@ impl Collector {
             checkpoints.spool_seq = r.seq;
         }
         let every = settings.every.as_secs().max(1);
-        let now = unix(SystemTime::now());
+        let now = unix(clock());
         let state_path = dir.join("state.json");
-        let mut state = match std::fs::read(&state_path) {
-            Ok(b) => serde_json::from_slice::<State>(&b).unwrap_or_else(|e| {
+        let mut state = match read_all(&*fs, &state_path) {
+            Ok(Some(b)) => serde_json::from_slice::<State>(&b).unwrap_or_else(|e| {
                 let aside = dir.join("state.json.corrupt");
-                let _ = std::fs::rename(&state_path, &aside);
+                let _ = fs.rename(&state_path, &aside);
                 tracing::error!(
                     "{}: {e}; moved to {} and starting a new schedule at the current period",
                     state_path.display(),
@@ -218,7 +249,7 @@ impl Collector {
                 );
                 State::default()
             }),
-            Err(_) => State::default(),
+            Ok(None) | Err(_) => State::default(),
         };
         let first_run = state.every_secs == 0;
         if first_run {
@@ -239,6 +270,15 @@ impl Collector {
         {
             staging.ack(state.consumed_through)?;
         }
+        // Item files of a close that a crash cut short before `state.json` named them
+        // (their chunks, if queued, are in the priority spool): nothing deletes them
+        // later, and a partial's name is never cut again.
+        let outbox = dir.join("outbox");
+        for name in fs.list_dir(&outbox).unwrap_or_default() {
+            if !state.queue.iter().any(|q| q.name == name) {
+                let _ = fs.remove_file(&outbox.join(&name));
+            }
+        }
         let status = Arc::new(Mutex::new(IntelStatus::default()));
         let c = Collector {
             dir,
@@ -258,6 +298,8 @@ impl Collector {
             last_tick: None,
             status,
             first_run,
+            fs,
+            clock,
         };
         c.save()?;
         c.publish(None);
@@ -294,7 +336,7 @@ impl Collector {
 
     /// Stage a batch of alert records durably, in the period of now.
     pub fn stage(&mut self, b: &SealedBatch) -> Result<()> {
-        let at_ms = SystemTime::now()
+        let at_ms = (self.clock)()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let meta = serde_json::to_vec(&Staged {
@@ -320,7 +362,7 @@ impl Collector {
     /// Once a second: count, close what is due, note acknowledgements, persist.
     pub fn tick(&mut self) -> Result<()> {
         self.sample();
-        let now = unix(SystemTime::now());
+        let now = unix((self.clock)());
         let mut closed = 0;
         loop {
             let start = self.state.open_start;
@@ -346,7 +388,7 @@ impl Collector {
         changed |= self.note_acks()?;
         if self.ck_dirty {
             self.checkpoints
-                .store(&Checkpoints::path(&self.dir))
+                .store_with(&*self.fs, &Checkpoints::path(&self.dir))
                 .context("cannot write the intel checkpoints")?;
             self.staging.set_checkpointed(self.checkpoints.spool_seq)?;
             self.ck_dirty = false;
@@ -358,10 +400,10 @@ impl Collector {
         Ok(())
     }
 
-    /// `soclink intel run-now`: a partial item of the open period so far (a preview: the
-    /// period's full item still carries all of its records).
+    /// `soclink intel run-now`: a partial item of the open period up to the current
+    /// second (a preview: the period's full item still carries all of its records).
     pub fn run_now(&mut self) -> Result<Queued> {
-        let now = unix(SystemTime::now());
+        let now = unix((self.clock)());
         let start = self.state.open_start;
         let q = self.close(start, now.max(start), Some(now))?;
         self.save()?;
@@ -373,7 +415,8 @@ impl Collector {
     pub fn finish(&mut self) -> Result<()> {
         self.sample();
         if self.ck_dirty {
-            self.checkpoints.store(&Checkpoints::path(&self.dir))?;
+            self.checkpoints
+                .store_with(&*self.fs, &Checkpoints::path(&self.dir))?;
             self.staging.set_checkpointed(self.checkpoints.spool_seq)?;
         }
         self.save()
@@ -400,7 +443,7 @@ impl Collector {
 
     fn save(&self) -> Result<()> {
         let p = self.dir.join("state.json");
-        write_atomic(&p, &serde_json::to_vec_pretty(&self.state)?)
+        write_atomic(&*self.fs, &p, &serde_json::to_vec_pretty(&self.state)?)
             .with_context(|| format!("cannot write {}", p.display()))
     }
 
@@ -460,7 +503,10 @@ impl Collector {
                 events: 0,
                 cursor: None,
             });
-            if partial_at.is_none() && m.at_ms >= end_ms {
+            // A partial ends at its cut second too: a second run-now in the same second
+            // cuts an item of the same name, which must hold the same records (the relay
+            // keeps the first copy of a name).
+            if m.at_ms >= end_ms {
                 break;
             }
             let lines = memchr::memchr_iter(b'\n', &r.payload).count() as u64;
@@ -488,7 +534,7 @@ impl Collector {
             period_start: format_time(from_unix(start)),
             period_end: format_time(from_unix(end)),
             partial: partial_at.is_some(),
-            generated_at: format_time(SystemTime::now()),
+            generated_at: format_time((self.clock)()),
             records,
             records_bytes: bytes,
             records_sha256: crate::incident::hex(&hasher.finalize()),
@@ -498,7 +544,16 @@ impl Collector {
         };
         let path = self.dir.join("outbox").join(&name);
         let tmp = path.with_extension("gz.tmp");
-        let file = std::fs::File::create(&tmp)
+        // A temp file left by a crash would be appended to: start from nothing.
+        match self.fs.remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove {}", tmp.display()));
+            }
+            _ => {}
+        }
+        let file = self
+            .fs
+            .open(&tmp, true)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
         let included: std::collections::HashSet<u64> =
             picked.iter().filter(|p| p.1).map(|p| p.0).collect();
@@ -514,13 +569,14 @@ impl Collector {
                 Ok(_) => None,
                 Err(e) => Some(Err(std::io::Error::other(e))),
             });
-        item::write(std::io::BufWriter::new(file), &header, staged)
+        item::write(std::io::BufWriter::new(FsWriter(file)), &header, staged)
             .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
-            .and_then(|f| f.sync_all())
+            .and_then(|mut f| f.0.sync())
             .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path)?;
-        crate::util::sync_dir(&path.with_file_name(""))?;
+        self.fs.rename(&tmp, &path)?;
+        self.fs.sync_dir(&self.dir.join("outbox"))?;
         let (first_seq, last_seq, size) = crate::incident::outbox::enqueue_file(
+            &*self.fs,
             &self.priority,
             &path,
             SOURCE,
@@ -538,7 +594,7 @@ impl Collector {
             partial: header.partial,
             records,
             bytes: size,
-            sha256: crate::relay::incidents::file_sha256(&path)?,
+            sha256: crate::spool::fs::sha256_file(&*self.fs, &path)?,
             first_seq,
             last_seq,
         };
@@ -570,7 +626,7 @@ impl Collector {
         let acc = &self.state.acc;
         let snap = self.handles.snapshot();
         let incidents: Vec<serde_json::Value> =
-            crate::incident::record::IncidentStore::open(&self.state_dir)
+            crate::incident::record::IncidentStore::open_with_fs(&self.state_dir, self.fs.clone())
                 .and_then(|s| s.list())
                 .unwrap_or_default()
                 .into_iter()
@@ -604,7 +660,7 @@ impl Collector {
                 break;
             }
             let q = self.state.queue.remove(0);
-            let _ = std::fs::remove_file(self.dir.join("outbox").join(&q.name));
+            let _ = self.fs.remove_file(&self.dir.join("outbox").join(&q.name));
             tracing::info!("intel item {} acknowledged by the relay", q.name);
             self.state.last_delivered = Some(Delivered {
                 name: q.name,
@@ -612,7 +668,7 @@ impl Collector {
                 period_end: q.period_end,
                 partial: q.partial,
                 records: q.records,
-                acknowledged_at: format_time(SystemTime::now()),
+                acknowledged_at: format_time((self.clock)()),
             });
             self.state.delivered_total += 1;
             changed = true;
