@@ -688,6 +688,7 @@ fn intel_settings(
             rotate_wait: Duration::from_secs(5),
         },
         max_upload_size,
+        staging_segment_size: crate::intel::STAGING_SEGMENT_SIZE,
     })
 }
 

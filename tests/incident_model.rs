@@ -269,6 +269,33 @@ fn step_once(w: &World, a: &Agent, model: &mut Vec<Declared>, s: Step) -> Result
     Ok(())
 }
 
+/// A timeline says `acknowledged` only once the relay holds the record and the
+/// bundle (when one is recorded).
+fn acknowledged_only_when_stored(a: &Agent, relay: &Relay) -> Result<(), TestCaseError> {
+    for inc in a
+        .store
+        .list()
+        .map_err(|e| TestCaseError::fail(e.to_string()))?
+    {
+        if inc.last(EventKind::Acknowledged).is_none() {
+            continue;
+        }
+        prop_assert!(
+            relay.records.contains_key(&inc.id),
+            "{} acknowledged before its record was stored",
+            &inc.id
+        );
+        if inc.bundle.is_some() {
+            prop_assert!(
+                relay.bundles.contains_key(&inc.id),
+                "{} acknowledged before its bundle was stored",
+                &inc.id
+            );
+        }
+    }
+    Ok(())
+}
+
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let w = World {
         fs: SimFs::new(),
@@ -289,7 +316,10 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     };
     for op in ops {
         match op {
-            Op::Do(s) => step_once(&w, &a, &mut model, s).map_err(TestCaseError::fail)?,
+            Op::Do(s) => {
+                step_once(&w, &a, &mut model, s).map_err(TestCaseError::fail)?;
+                acknowledged_only_when_stored(&a, &relay)?;
+            }
             Op::Ship(k) => ship(&a, &mut relay, usize::from(k))?,
             Op::Restart => {
                 drop(a);

@@ -131,6 +131,8 @@ fn settings() -> IntelSettings {
             rotate_wait: Duration::from_secs(5),
         },
         max_upload_size: 1 << 20,
+        // A few records per segment: acknowledged ones are deleted, as on a busy agent.
+        staging_segment_size: 256,
     }
 }
 

@@ -212,7 +212,7 @@ impl Collector {
             SpoolOptions {
                 // Room for a few periods at the upload cap while the link is down.
                 max_size: settings.max_upload_size.saturating_mul(4).max(64 << 20),
-                segment_size: 16 << 20,
+                segment_size: settings.staging_segment_size,
                 gate_on_checkpoint: true,
             },
             fs.clone(),
