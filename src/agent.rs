@@ -391,6 +391,7 @@ impl Agent {
             settings: cfg.incident.clone(),
             inputs: BundleInputs::from_config(&cfg),
             ship: cfg.upstream.is_some(),
+            fs: Arc::new(crate::spool::fs::RealFs),
         };
         let outbox_task = tokio::spawn(outbox.run(ship_stop.clone()));
         // control: `soclink status` (see crate::status).

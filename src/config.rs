@@ -711,6 +711,7 @@ fn intel_settings(
             max_open_files: DEFAULT_MAX_OPEN_FILES,
         },
         max_upload_size,
+        staging_segment_size: crate::intel::STAGING_SEGMENT_SIZE,
     })
 }
 

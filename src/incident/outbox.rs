@@ -16,8 +16,8 @@
 //! is written at its offset), so a crash between enqueueing and writing `outbox.json`
 //! only sends the same thing twice.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
@@ -30,7 +30,7 @@ use super::record::{EventKind, Incident, IncidentStore, TimelineEvent};
 use super::{IncidentSettings, needs_bundle};
 use crate::batch::{BatchMeta, Item};
 use crate::spool::Spool;
-use crate::util::write_atomic;
+use crate::spool::fs::{Fs, read_all, write_atomic};
 
 /// Bundle chunk size in the priority spool and on the wire.
 pub const CHUNK: usize = 4 << 20;
@@ -62,6 +62,9 @@ pub struct Outbox {
     pub inputs: BundleInputs,
     /// Ship at all (false without `[upstream]`: records stay local, nothing to send to).
     pub ship: bool,
+    /// The file system of the records and of `outbox.json` (`RealFs`; simulated in
+    /// tests). The bundle builder and its `bundle.building` marker use `std::fs`.
+    pub fs: Arc<dyn Fs>,
 }
 
 impl Outbox {
@@ -96,10 +99,10 @@ impl Outbox {
     /// [`Outbox::scan`], warning about an incident through `warn`.
     fn scan_warning(&self, warn: &crate::util::LogLimiter) -> Result<()> {
         let dir = self.state_dir.join("incidents");
-        if !dir.is_dir() {
+        if !self.fs.exists(&dir) {
             return Ok(());
         }
-        let store = IncidentStore::open(&self.state_dir)?;
+        let store = IncidentStore::open_with_fs(&self.state_dir, self.fs.clone())?;
         for inc in store.list()? {
             if let Err(e) = self.one(&store, inc) {
                 let msg = format!("incident outbox: {e:#}");
@@ -116,8 +119,9 @@ impl Outbox {
         let st_path = idir.join("outbox.json");
         let cached = crate::util::lock(&self.sent).get(&inc.id).cloned();
         let mut st: OutboxState = cached.unwrap_or_else(|| {
-            std::fs::read(&st_path)
+            read_all(&*self.fs, &st_path)
                 .ok()
+                .flatten()
                 .and_then(|b| serde_json::from_slice(&b).ok())
                 .unwrap_or_default()
         });
@@ -170,9 +174,9 @@ impl Outbox {
         let bundle_path = store.bundle_path(&inc.id)?;
         if inc.bundle.is_none()
             && needs_bundle(inc.level, &self.settings.auto_bundle_levels)
-            && !bundle_path.exists()
+            && !self.fs.exists(&bundle_path)
             && !being_built(&idir)
-            && !idir.join(super::NO_BUNDLE_MARKER).exists()
+            && !self.fs.exists(&idir.join(super::NO_BUNDLE_MARKER))
         {
             let summary = build_bundle(
                 &bundle_path,
@@ -186,7 +190,11 @@ impl Outbox {
             tracing::info!(incident = %inc.id, "evidence bundle built: {} bytes, {} members", summary.size, summary.members);
             // The record changed; the next pass sends it again.
         }
-        if self.ship && inc.bundle.is_some() && st.bundle_last_seq == 0 && bundle_path.exists() {
+        if self.ship
+            && inc.bundle.is_some()
+            && st.bundle_last_seq == 0
+            && self.fs.exists(&bundle_path)
+        {
             let (first, last) = self.enqueue_bundle(&inc.id, &bundle_path)?;
             st.bundle_first_seq = first;
             st.bundle_last_seq = last;
@@ -197,7 +205,11 @@ impl Outbox {
             && st.report_seq == 0
             && let Some(name) = &inc.closing_report
         {
-            let text = std::fs::read_to_string(idir.join(name)).unwrap_or_default();
+            let text = read_all(&*self.fs, &idir.join(name))
+                .ok()
+                .flatten()
+                .and_then(|b| String::from_utf8(b).ok())
+                .unwrap_or_default();
             let report = serde_json::json!({
                 "incident": inc.id,
                 "drill": inc.drill,
@@ -213,7 +225,7 @@ impl Outbox {
 
         if st != before {
             crate::util::lock(&self.sent).insert(inc.id.clone(), st.clone());
-            write_atomic(&st_path, &serde_json::to_vec(&st)?).with_context(|| {
+            write_atomic(&*self.fs, &st_path, &serde_json::to_vec(&st)?).with_context(|| {
                 format!(
                     "cannot write {} (incident folders must be writable by the agent's user: run `soclink incident` as that user)",
                     st_path.display()
@@ -255,15 +267,18 @@ impl Outbox {
 
     /// The bundle in chunks; returns the first and last seq.
     fn enqueue_bundle(&self, id: &str, path: &Path) -> Result<(u64, u64)> {
-        let (first, last, total) =
-            enqueue_file(&self.spool, path, "incidents", |offset, total, sha| {
-                Item::BundleChunk {
-                    incident: id.to_string(),
-                    offset,
-                    total,
-                    sha256: sha.to_string(),
-                }
-            })?;
+        let (first, last, total) = enqueue_file(
+            &*self.fs,
+            &self.spool,
+            path,
+            "incidents",
+            |offset, total, sha| Item::BundleChunk {
+                incident: id.to_string(),
+                offset,
+                total,
+                sha256: sha.to_string(),
+            },
+        )?;
         tracing::info!(incident = %id, "evidence bundle queued for the relay: {total} bytes in {} chunks", last - first + 1);
         Ok((first, last))
     }
@@ -273,21 +288,22 @@ impl Outbox {
 /// full), each described by `item(offset, total, sha256)`; commits. Returns the first
 /// and last seq and the file's size.
 pub fn enqueue_file(
+    fs: &dyn Fs,
     spool: &Spool,
     path: &Path,
     source: &str,
     item: impl Fn(u64, u64, &str) -> Item,
 ) -> Result<(u64, u64, u64)> {
-    let total = std::fs::metadata(path)?.len();
-    let sha = crate::relay::incidents::file_sha256(path)?;
-    let mut f = std::fs::File::open(path)?;
+    let f = fs.open_read(path)?;
+    let total = f.size()?;
+    let sha = crate::spool::fs::sha256_file(fs, path)?;
     let mut buf = vec![0u8; CHUNK];
     let mut offset = 0u64;
     let (mut first, mut last) = (0, 0);
     loop {
         let mut n = 0;
         while n < CHUNK {
-            let k = f.read(&mut buf[n..])?;
+            let k = f.read_at(offset + n as u64, &mut buf[n..])?;
             if k == 0 {
                 break;
             }

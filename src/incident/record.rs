@@ -15,14 +15,15 @@
 //! lost-update record, and the timeline only grows.
 
 use std::fmt::Write as _;
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::util::{create_dir_all_durable, write_atomic};
+use crate::spool::fs::{Fs, LockGuard, RealFs, write_atomic};
 
 /// Longest `--details` text kept in a record.
 pub const MAX_DETAILS_BYTES: u64 = 64 * 1024;
@@ -373,17 +374,38 @@ pub fn is_valid_id(id: &str) -> bool {
 }
 
 /// Incident records under `<state_dir>/incidents/`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct IncidentStore {
     dir: PathBuf,
+    /// Where the records live (the real file system, or a simulated one in tests).
+    fs: Arc<dyn Fs>,
+}
+
+impl std::fmt::Debug for IncidentStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IncidentStore")
+            .field("dir", &self.dir)
+            .finish()
+    }
 }
 
 impl IncidentStore {
     /// Open (creating) the store in an agent's state directory.
     pub fn open(state_dir: &Path) -> Result<IncidentStore, IncidentError> {
+        IncidentStore::open_with_fs(state_dir, Arc::new(RealFs))
+    }
+
+    /// [`IncidentStore::open`] on the file system `fs`.
+    pub fn open_with_fs(state_dir: &Path, fs: Arc<dyn Fs>) -> Result<IncidentStore, IncidentError> {
         let dir = state_dir.join("incidents");
-        create_dir_all_durable(&dir).map_err(io_err("creating", &dir))?;
-        Ok(IncidentStore { dir })
+        fs.create_dir_all_durable(&dir)
+            .map_err(io_err("creating", &dir))?;
+        Ok(IncidentStore { dir, fs })
+    }
+
+    /// The file system the store is on.
+    pub fn fs(&self) -> &Arc<dyn Fs> {
+        &self.fs
     }
 
     pub fn dir(&self) -> &Path {
@@ -405,16 +427,9 @@ impl IncidentStore {
 
     /// An exclusive advisory lock on the store, released when the guard drops; it
     /// serialises read-modify-write of records between the agent and the CLI.
-    fn lock(&self) -> Result<File, IncidentError> {
+    fn lock(&self) -> Result<LockGuard, IncidentError> {
         let path = self.dir.join(".lock");
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err("opening", &path))?;
-        f.lock().map_err(io_err("locking", &path))?;
-        Ok(f)
+        self.fs.lock(&path).map_err(io_err("locking", &path))
     }
 
     /// Record a new incident. Its deadline is discovered_at + 1 h.
@@ -488,10 +503,12 @@ impl IncidentStore {
         let day: String = ts.chars().take(10).filter(char::is_ascii_digit).collect();
         let prefix = format!("INC-{day}-");
         let mut n = 0u32;
-        let entries = fs::read_dir(&self.dir).map_err(io_err("listing", &self.dir))?;
-        for e in entries.flatten() {
-            if let Some(name) = e.file_name().to_str()
-                && let Some(rest) = name.strip_prefix(&prefix)
+        let entries = self
+            .fs
+            .list_dirs(&self.dir)
+            .map_err(io_err("listing", &self.dir))?;
+        for name in &entries {
+            if let Some(rest) = name.strip_prefix(&prefix)
                 && let Some(seq) = rest.get(..4).and_then(|s| s.parse::<u32>().ok())
             {
                 n = n.max(seq);
@@ -501,9 +518,11 @@ impl IncidentStore {
             n += 1;
             let id = format!("{prefix}{:04}-{:04x}", n.min(9999), rand::random::<u16>());
             let dir = self.dir.join(&id);
-            match fs::create_dir(&dir) {
+            match self.fs.create_dir(&dir) {
                 Ok(()) => {
-                    crate::util::sync_dir(&self.dir).map_err(io_err("syncing", &self.dir))?;
+                    self.fs
+                        .sync_dir(&self.dir)
+                        .map_err(io_err("syncing", &self.dir))?;
                     return Ok((id, dir));
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -523,24 +542,34 @@ impl IncidentStore {
                 reason: e.to_string(),
             })?;
         bytes.push(b'\n');
-        write_atomic(&path, &bytes).map_err(io_err("writing", &path))
+        write_atomic(&*self.fs, &path, &bytes).map_err(io_err("writing", &path))
     }
 
     /// One incident by id.
     pub fn get(&self, id: &str) -> Result<Incident, IncidentError> {
         let dir = self.incident_dir(id)?;
         let path = dir.join("record.json");
-        let f = match File::open(&path) {
+        let f = match self.fs.open_read(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(IncidentError::NotFound(id.to_string()));
             }
             Err(e) => return Err(io_err("opening", &path)(e)),
         };
-        let mut buf = Vec::new();
-        f.take(MAX_RECORD_BYTES)
-            .read_to_end(&mut buf)
-            .map_err(io_err("reading", &path))?;
+        let len = f
+            .size()
+            .map_err(io_err("reading", &path))?
+            .min(MAX_RECORD_BYTES);
+        let mut buf = vec![0u8; len as usize];
+        let mut at = 0;
+        while at < buf.len() {
+            match f.read_at(at as u64, &mut buf[at..]) {
+                Ok(0) => break,
+                Ok(n) => at += n,
+                Err(e) => return Err(io_err("reading", &path)(e)),
+            }
+        }
+        buf.truncate(at);
         let inc: Incident = serde_json::from_slice(&buf).map_err(|e| IncidentError::Corrupt {
             path: path.clone(),
             reason: e.to_string(),
@@ -558,15 +587,13 @@ impl IncidentStore {
     /// corrupt record is an error (it is evidence and must not silently vanish).
     pub fn list(&self) -> Result<Vec<Incident>, IncidentError> {
         let mut ids = Vec::new();
-        for e in fs::read_dir(&self.dir)
+        for name in self
+            .fs
+            .list_dirs(&self.dir)
             .map_err(io_err("listing", &self.dir))?
-            .flatten()
         {
-            if let Some(name) = e.file_name().to_str()
-                && is_valid_id(name)
-                && e.path().join("record.json").exists()
-            {
-                ids.push(name.to_string());
+            if is_valid_id(&name) && self.fs.exists(&self.dir.join(&name).join("record.json")) {
+                ids.push(name);
             }
         }
         let mut out = ids
@@ -650,7 +677,7 @@ impl IncidentStore {
         }
         let name = "closing-report";
         let dest = dir.join(name);
-        write_atomic(&dest, &report).map_err(io_err("writing", &dest))?;
+        write_atomic(&*self.fs, &dest, &report).map_err(io_err("writing", &dest))?;
         let shown = report_path.display().to_string();
         self.update(id, |inc| {
             if inc.is_closed() {

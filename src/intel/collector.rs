@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -35,9 +35,9 @@ use crate::batch::Item;
 use crate::incident::record::format_time;
 use crate::sources::SealedBatch;
 use crate::sources::checkpoint::Checkpoints;
+use crate::spool::fs::{Fs, FsWriter, RealFs, read_all, write_atomic};
 use crate::spool::{Spool, SpoolOptions};
 use crate::status::AgentHandles;
-use crate::util::write_atomic;
 
 /// How often the state file is rewritten while only the counts change.
 const PERSIST_EVERY: Duration = Duration::from_secs(5);
@@ -125,6 +125,9 @@ pub struct IntelStatus {
     pub quarantined: Vec<String>,
 }
 
+/// Where the collector reads the time (a test drives it by hand).
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
 /// A `run-now` request and where its answer goes.
 pub type RunNow = oneshot::Sender<Result<Queued, String>>;
 
@@ -169,6 +172,9 @@ pub struct Collector {
     quarantined: Vec<String>,
     /// The wall clock was last seen before the open period's start (stepped back).
     clock_behind: bool,
+    /// Every durable file of the collector goes through here (a test simulates crashes).
+    fs: Arc<dyn Fs>,
+    clock: Clock,
 }
 
 impl Collector {
@@ -181,17 +187,42 @@ impl Collector {
         priority: Spool,
         handles: AgentHandles,
     ) -> Result<Collector> {
+        Collector::open_with(
+            settings,
+            agent,
+            host,
+            state_dir,
+            priority,
+            handles,
+            Arc::new(RealFs),
+            Arc::new(crate::clock::now),
+        )
+    }
+
+    /// [`Collector::open`] on the file system `fs` and the clock `clock`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open_with(
+        settings: &IntelSettings,
+        agent: &str,
+        host: &str,
+        state_dir: &Path,
+        priority: Spool,
+        handles: AgentHandles,
+        fs: Arc<dyn Fs>,
+        clock: Clock,
+    ) -> Result<Collector> {
         let dir = state_dir.join("intel");
-        crate::util::create_dir_all_durable(&dir.join("outbox"))
+        fs.create_dir_all_durable(&dir.join("outbox"))
             .with_context(|| format!("cannot create {}", dir.display()))?;
-        let (staging, rec) = Spool::open(
+        let (staging, rec) = Spool::open_with_fs(
             &dir.join("staging"),
             SpoolOptions {
                 // Room for a few periods at the upload cap while the link is down.
                 max_size: settings.max_upload_size.saturating_mul(4).max(64 << 20),
-                segment_size: 16 << 20,
+                segment_size: settings.staging_segment_size,
                 gate_on_checkpoint: true,
             },
+            fs.clone(),
         )
         .with_context(|| format!("cannot open the intel staging spool in {}", dir.display()))?;
         for m in &rec.messages {
@@ -200,8 +231,7 @@ impl Collector {
         let rel = |p: &Path| p.strip_prefix(state_dir).unwrap_or(p).display().to_string();
         let mut quarantined: Vec<String> = rec.quarantined.iter().map(|p| rel(p)).collect();
         let ck_path = Checkpoints::path(&dir);
-        let (mut checkpoints, reset) =
-            Checkpoints::load_or_quarantine(&crate::spool::fs::RealFs, &ck_path);
+        let (mut checkpoints, reset) = Checkpoints::load_or_quarantine(&*fs, &ck_path);
         if let Some((e, aside)) = reset {
             let shown = aside
                 .as_deref()
@@ -221,12 +251,12 @@ impl Collector {
             checkpoints.spool_seq = r.seq;
         }
         let every = settings.every.as_secs().max(1);
-        let now = unix(crate::clock::now());
+        let now = unix(clock());
         let state_path = dir.join("state.json");
-        let mut state = match std::fs::read(&state_path) {
-            Ok(b) => serde_json::from_slice::<State>(&b).unwrap_or_else(|e| {
+        let mut state = match read_all(&*fs, &state_path) {
+            Ok(Some(b)) => serde_json::from_slice::<State>(&b).unwrap_or_else(|e| {
                 let aside = dir.join("state.json.corrupt");
-                let _ = std::fs::rename(&state_path, &aside);
+                let _ = fs.rename(&state_path, &aside);
                 quarantined.push(rel(&aside));
                 tracing::error!(
                     "{}: {e}; moved to {} and starting a new schedule at the current period",
@@ -235,7 +265,7 @@ impl Collector {
                 );
                 State::default()
             }),
-            Err(_) => State::default(),
+            Ok(None) | Err(_) => State::default(),
         };
         let first_run = state.every_secs == 0;
         if first_run {
@@ -255,6 +285,15 @@ impl Collector {
             && state.consumed_through <= staging.stats().durable_seq
         {
             staging.ack(state.consumed_through)?;
+        }
+        // Item files of a close that a crash cut short before `state.json` named them
+        // (their chunks, if queued, are in the priority spool): nothing deletes them
+        // later, and a partial's name is never cut again.
+        let outbox = dir.join("outbox");
+        for name in fs.list_dir(&outbox).unwrap_or_default() {
+            if !state.queue.iter().any(|q| q.name == name) {
+                let _ = fs.remove_file(&outbox.join(&name));
+            }
         }
         let status = Arc::new(Mutex::new(IntelStatus::default()));
         let c = Collector {
@@ -277,6 +316,8 @@ impl Collector {
             first_run,
             quarantined,
             clock_behind: false,
+            fs,
+            clock,
         };
         c.save()?;
         c.publish(None);
@@ -313,7 +354,9 @@ impl Collector {
 
     /// Stage a batch of alert records durably, in the period of now.
     pub fn stage(&mut self, b: &SealedBatch) -> Result<()> {
-        let at_ms = crate::clock::unix_ms();
+        let at_ms = (self.clock)()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let meta = serde_json::to_vec(&Staged {
             at_ms,
             events: b.events,
@@ -337,7 +380,7 @@ impl Collector {
     /// Once a second: count, close what is due, note acknowledgements, persist.
     pub fn tick(&mut self) -> Result<()> {
         self.sample();
-        let now = unix(crate::clock::now());
+        let now = unix((self.clock)());
         // A step back never reopens or re-closes a period (its item name may already be
         // at the relay, which keeps the first copy): the open period just lasts until
         // the clock reaches its end again, and takes the records staged meanwhile.
@@ -376,7 +419,7 @@ impl Collector {
         changed |= self.note_acks()?;
         if self.ck_dirty {
             self.checkpoints
-                .store(&Checkpoints::path(&self.dir))
+                .store_with(&*self.fs, &Checkpoints::path(&self.dir))
                 .context("cannot write the intel checkpoints")?;
             self.staging.set_checkpointed(self.checkpoints.spool_seq)?;
             self.ck_dirty = false;
@@ -388,10 +431,10 @@ impl Collector {
         Ok(())
     }
 
-    /// `soclink intel run-now`: a partial item of the open period so far (a preview: the
-    /// period's full item still carries all of its records).
+    /// `soclink intel run-now`: a partial item of the open period up to the current
+    /// second (a preview: the period's full item still carries all of its records).
     pub fn run_now(&mut self) -> Result<Queued> {
-        let now = unix(crate::clock::now());
+        let now = unix((self.clock)());
         let start = self.state.open_start;
         let q = self.close(start, now.max(start), Some(now))?;
         self.save()?;
@@ -403,7 +446,8 @@ impl Collector {
     pub fn finish(&mut self) -> Result<()> {
         self.sample();
         if self.ck_dirty {
-            self.checkpoints.store(&Checkpoints::path(&self.dir))?;
+            self.checkpoints
+                .store_with(&*self.fs, &Checkpoints::path(&self.dir))?;
             self.staging.set_checkpointed(self.checkpoints.spool_seq)?;
         }
         self.save()
@@ -431,7 +475,7 @@ impl Collector {
 
     fn save(&self) -> Result<()> {
         let p = self.dir.join("state.json");
-        write_atomic(&p, &serde_json::to_vec_pretty(&self.state)?)
+        write_atomic(&*self.fs, &p, &serde_json::to_vec_pretty(&self.state)?)
             .with_context(|| format!("cannot write {}", p.display()))
     }
 
@@ -491,7 +535,10 @@ impl Collector {
                 events: 0,
                 cursor: None,
             });
-            if partial_at.is_none() && m.at_ms >= end_ms {
+            // A partial ends at its cut second too: a second run-now in the same second
+            // cuts an item of the same name, which must hold the same records (the relay
+            // keeps the first copy of a name).
+            if m.at_ms >= end_ms {
                 break;
             }
             let lines = memchr::memchr_iter(b'\n', &r.payload).count() as u64;
@@ -519,7 +566,7 @@ impl Collector {
             period_start: format_time(from_unix(start)),
             period_end: format_time(from_unix(end)),
             partial: partial_at.is_some(),
-            generated_at: format_time(crate::clock::now()),
+            generated_at: format_time((self.clock)()),
             records,
             records_bytes: bytes,
             records_sha256: crate::incident::hex(&hasher.finalize()),
@@ -529,7 +576,16 @@ impl Collector {
         };
         let path = self.dir.join("outbox").join(&name);
         let tmp = path.with_extension("gz.tmp");
-        let file = std::fs::File::create(&tmp)
+        // A temp file left by a crash would be appended to: start from nothing.
+        match self.fs.remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove {}", tmp.display()));
+            }
+            _ => {}
+        }
+        let file = self
+            .fs
+            .open(&tmp, true)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
         let included: std::collections::HashSet<u64> =
             picked.iter().filter(|p| p.1).map(|p| p.0).collect();
@@ -545,13 +601,14 @@ impl Collector {
                 Ok(_) => None,
                 Err(e) => Some(Err(std::io::Error::other(e))),
             });
-        item::write(std::io::BufWriter::new(file), &header, staged)
+        item::write(std::io::BufWriter::new(FsWriter(file)), &header, staged)
             .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
-            .and_then(|f| f.sync_all())
+            .and_then(|mut f| f.0.sync())
             .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path)?;
-        crate::util::sync_dir(&path.with_file_name(""))?;
+        self.fs.rename(&tmp, &path)?;
+        self.fs.sync_dir(&self.dir.join("outbox"))?;
         let (first_seq, last_seq, size) = crate::incident::outbox::enqueue_file(
+            &*self.fs,
             &self.priority,
             &path,
             SOURCE,
@@ -569,7 +626,7 @@ impl Collector {
             partial: header.partial,
             records,
             bytes: size,
-            sha256: crate::relay::incidents::file_sha256(&path)?,
+            sha256: crate::spool::fs::sha256_file(&*self.fs, &path)?,
             first_seq,
             last_seq,
         };
@@ -601,7 +658,7 @@ impl Collector {
         let acc = &self.state.acc;
         let snap = self.handles.snapshot();
         let incidents: Vec<serde_json::Value> =
-            crate::incident::record::IncidentStore::open(&self.state_dir)
+            crate::incident::record::IncidentStore::open_with_fs(&self.state_dir, self.fs.clone())
                 .and_then(|s| s.list())
                 .unwrap_or_default()
                 .into_iter()
@@ -635,7 +692,7 @@ impl Collector {
                 break;
             }
             let q = self.state.queue.remove(0);
-            let _ = std::fs::remove_file(self.dir.join("outbox").join(&q.name));
+            let _ = self.fs.remove_file(&self.dir.join("outbox").join(&q.name));
             tracing::info!("intel item {} acknowledged by the relay", q.name);
             self.state.last_delivered = Some(Delivered {
                 name: q.name,
@@ -643,7 +700,7 @@ impl Collector {
                 period_end: q.period_end,
                 partial: q.partial,
                 records: q.records,
-                acknowledged_at: format_time(crate::clock::now()),
+                acknowledged_at: format_time((self.clock)()),
             });
             self.state.delivered_total += 1;
             changed = true;

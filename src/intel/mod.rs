@@ -32,7 +32,13 @@ pub struct IntelSettings {
     pub files: FileSourceConfig,
     /// Largest sum of record bytes in one item; the rest is left out and counted.
     pub max_upload_size: u64,
+    /// Segment size of the staging spool ([`STAGING_SEGMENT_SIZE`]; the crash model
+    /// uses tiny ones, so acknowledged segments are released as often as possible).
+    pub staging_segment_size: u64,
 }
+
+/// The staging spool's segment size.
+pub const STAGING_SEGMENT_SIZE: u64 = 16 << 20;
 
 /// Seconds since the epoch (0 for times before it).
 pub fn unix(t: SystemTime) -> u64 {

@@ -45,6 +45,34 @@ pub trait Fs: Send + Sync {
     /// fails with [`io::ErrorKind::WouldBlock`] if someone (this process included)
     /// holds it.
     fn try_lock(&self, path: &Path) -> io::Result<LockGuard>;
+
+    // What the intel collector and the incident store need beyond the spool.
+
+    /// Opens an existing file for reading only (a file another user owns may not be
+    /// writable by the agent, yet must be readable).
+    fn open_read(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
+        self.open(path, false)
+    }
+    /// Whether `path` names a file or a directory.
+    fn exists(&self, path: &Path) -> bool;
+    /// Creates one directory; [`io::ErrorKind::AlreadyExists`] when it is there (so a
+    /// name can be claimed race-free). Durable after `sync_dir` of its parent.
+    fn create_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Creates `dir` and its missing parents, fsyncing each parent whose entry was created.
+    fn create_dir_all_durable(&self, dir: &Path) -> io::Result<()>;
+    /// Names of the subdirectories of `dir`.
+    fn list_dirs(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Like [`Fs::try_lock`], but waits while another holder has the lock.
+    fn lock(&self, path: &Path) -> io::Result<LockGuard> {
+        loop {
+            match self.try_lock(path) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
 }
 
 /// Holds a lock from [`Fs::try_lock`] until dropped.
@@ -138,6 +166,78 @@ impl Fs for RealFs {
             Err(std::fs::TryLockError::Error(e)) => Err(e),
         }
     }
+
+    fn open_read(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
+        Ok(Box::new(RealFile(File::open(path)?)))
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+
+    fn create_dir(&self, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir(dir)
+    }
+
+    fn create_dir_all_durable(&self, dir: &Path) -> io::Result<()> {
+        crate::util::create_dir_all_durable(dir)
+    }
+
+    fn list_dirs(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            // Follows symlinks, as `Path::is_dir` does.
+            if entry.path().is_dir()
+                && let Ok(name) = entry.file_name().into_string()
+            {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    fn lock(&self, path: &Path) -> io::Result<LockGuard> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
+        file.lock()?;
+        Ok(Box::new(file))
+    }
+}
+
+/// A writer appending to an [`FsFile`] (for encoders that want `io::Write`).
+pub struct FsWriter(pub Box<dyn FsFile>);
+
+impl Write for FsWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.append(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// SHA-256 (lower-case hex) of the file at `path`, read through `fs`.
+pub fn sha256_file(fs: &dyn Fs, path: &Path) -> io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let f = fs.open_read(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    loop {
+        let n = f.read_at(at, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(crate::incident::hex(&h.finalize()))
 }
 
 /// Replace `path` with `bytes` atomically through `fs`: temp file, fsync, rename, fsync
@@ -162,7 +262,7 @@ pub fn write_atomic(fs: &dyn Fs, path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 /// The whole content of `path` through `fs`; `None` when it does not exist.
 pub fn read_all(fs: &dyn Fs, path: &Path) -> io::Result<Option<Vec<u8>>> {
-    let f = match fs.open(path, false) {
+    let f = match fs.open_read(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),

@@ -37,6 +37,9 @@ struct State {
     locks: std::collections::HashSet<PathBuf>,
     /// When set, every file and directory sync fails (a dying disk).
     fail_syncs: bool,
+    /// When set, this many more syncs succeed and every later one fails: the power
+    /// goes out at that point of an operation (the test then calls `crash`).
+    sync_budget: Option<u64>,
     /// When set, appends beyond this many bytes (all files together) write what fits
     /// and fail with `StorageFull`, as a full disk does.
     capacity: Option<u64>,
@@ -165,6 +168,13 @@ impl SimFs {
         lock(&self.state).fail_syncs = fail;
     }
 
+    /// Lets `n` more file or directory syncs succeed and fails every later one (None:
+    /// no limit). With a crash after the failing operation, this stops the power at
+    /// the n-th sync point of an operation.
+    pub fn fail_syncs_after(&self, n: Option<u64>) {
+        lock(&self.state).sync_budget = n;
+    }
+
     /// How many file and directory syncs were issued so far.
     pub fn sync_counts(&self) -> (u64, u64) {
         let st = lock(&self.state);
@@ -202,6 +212,17 @@ impl SimFile {
         }
         f(&mut st, self.inode)
     }
+}
+
+/// Whether a sync may succeed now (and uses up one of the budget).
+fn take_sync(st: &mut State) -> bool {
+    if st.fail_syncs || st.sync_budget == Some(0) {
+        return false;
+    }
+    if let Some(n) = &mut st.sync_budget {
+        *n -= 1;
+    }
+    true
 }
 
 fn inode_mut(st: &mut State, id: u64) -> io::Result<&mut Inode> {
@@ -250,7 +271,7 @@ impl FsFile for SimFile {
 
     fn sync(&mut self) -> io::Result<()> {
         self.with(|st, id| {
-            if st.fail_syncs {
+            if !take_sync(st) {
                 return Err(io::Error::other("simulated fsync failure"));
             }
             st.file_syncs += 1;
@@ -264,12 +285,49 @@ impl FsFile for SimFile {
 impl Fs for SimFs {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         let mut st = lock(&self.state);
-        if !st.dirs.iter().any(|d| d == dir) {
-            // Directories themselves are modelled as always durable: the spool's
-            // directory is created once, by the installer, long before any data.
-            st.dirs.push(dir.to_path_buf());
+        // Directories themselves are modelled as always durable: the spool's
+        // directory is created once, by the installer, long before any data (and
+        // the incident store fsyncs the parent of each folder it creates).
+        for d in dir.ancestors() {
+            if !d.as_os_str().is_empty() && !st.dirs.iter().any(|x| x == d) {
+                st.dirs.push(d.to_path_buf());
+            }
         }
         Ok(())
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        let st = lock(&self.state);
+        st.entries.contains_key(path) || st.dirs.iter().any(|d| d == path)
+    }
+
+    fn create_dir(&self, dir: &Path) -> io::Result<()> {
+        let mut st = lock(&self.state);
+        if st.dirs.iter().any(|d| d == dir) || st.entries.contains_key(dir) {
+            return Err(io::ErrorKind::AlreadyExists.into());
+        }
+        if !dir.parent().is_some_and(|p| st.dirs.iter().any(|d| d == p)) {
+            return Err(not_found(dir));
+        }
+        st.dirs.push(dir.to_path_buf());
+        Ok(())
+    }
+
+    fn create_dir_all_durable(&self, dir: &Path) -> io::Result<()> {
+        self.create_dir_all(dir)
+    }
+
+    fn list_dirs(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let st = lock(&self.state);
+        if !st.dirs.iter().any(|d| d == dir) {
+            return Err(not_found(dir));
+        }
+        Ok(st
+            .dirs
+            .iter()
+            .filter(|p| p.parent() == Some(dir))
+            .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
+            .collect())
     }
 
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
@@ -327,7 +385,7 @@ impl Fs for SimFs {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut st = lock(&self.state);
-        if st.fail_syncs {
+        if !take_sync(&mut st) {
             return Err(io::Error::other("simulated directory fsync failure"));
         }
         st.dir_syncs += 1;
