@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::*;
 
 const T: Duration = Duration::from_secs(120);
-const OURS: &str = "glibc.malloc.mmap_threshold=131072";
+const OURS: &str = "glibc.malloc.mmap_threshold=131072:glibc.malloc.arena_max=2";
 
 /// GLIBC_TUNABLES as the process was started with it. glibc 2.36 parses the variable
 /// in place in the memory /proc shows, turning each ':' into a NUL: the pieces after it
@@ -75,8 +75,8 @@ fn the_agent_runs_with_a_fixed_mmap_threshold_in_the_same_process() {
     assert_eq!(running_tunables("").as_deref(), Some(OURS));
     // Other tunables are kept; ours is added.
     assert_eq!(
-        running_tunables("glibc.malloc.arena_max=2").as_deref(),
-        Some(format!("glibc.malloc.arena_max=2:{OURS}").as_str())
+        running_tunables("glibc.malloc.tcache_count=0").as_deref(),
+        Some(format!("glibc.malloc.tcache_count=0:{OURS}").as_str())
     );
     // An operator's own threshold wins.
     let own = "glibc.malloc.mmap_threshold=262144";
