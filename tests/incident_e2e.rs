@@ -286,7 +286,11 @@ fn a_tampered_bundle_is_refused_by_the_relay() {
         !idir.join("bundle.tar.gz").exists(),
         "a tampered bundle is never stored as evidence"
     );
-    assert!(relay.log().contains("REFUSED"), "{}", relay.log());
+    // The relay writes bundle.rejected.txt before it logs the refusal.
+    while !relay.log().contains("REFUSED") {
+        assert!(Instant::now() < deadline, "relay log:\n{}", relay.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     agent.stop();
     relay.stop();
 }
