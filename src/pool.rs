@@ -34,9 +34,15 @@ impl<T> Kept<T> {
     }
 
     fn pop(&mut self) -> Option<T> {
-        let item = self.items.pop();
+        self.take_where(|_| true)
+    }
+
+    /// The newest kept item that matches, counted as used.
+    fn take_where(&mut self, pred: impl Fn(&T) -> bool) -> Option<T> {
+        let i = self.items.iter().rposition(pred)?;
+        let item = self.items.swap_remove(i);
         self.idle = self.idle.min(self.items.len());
-        item
+        Some(item)
     }
 
     /// Free the items no one needed since the last trim; the next window starts now.
@@ -138,13 +144,9 @@ pub fn gzip_into(raw: &[u8], level: u32, mut out: Vec<u8>) -> Vec<u8> {
     out.clear();
     let level = level.min(9);
     let reused = {
-        let mut d = lock(&DEFLATERS);
-        let found = d.items.iter().position(|(l, _)| *l == level).map(|i| {
-            // To the top, so that pop() takes it and counts it as used.
-            let last = d.items.len() - 1;
-            d.items.swap(i, last);
-        });
-        found.and_then(|()| d.pop()).map(|(_, z)| z)
+        lock(&DEFLATERS)
+            .take_where(|(l, _)| *l == level)
+            .map(|(_, z)| z)
     };
     let mut z = reused.unwrap_or_else(|| Compress::new(Compression::new(level), false));
     let xfl = match level {

@@ -17,6 +17,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use rand::{RngExt, SeedableRng};
 use soclink::relay::store::{Store, StoreFs, StoreOptions};
 use soclink::sources::checkpoint::{Checkpoints, FilePos};
 use soclink::spool::simfs::SimFs;
@@ -33,19 +34,12 @@ fn cases() -> usize {
         .unwrap_or(RANDOM_PER_FORMAT)
 }
 
-/// splitmix64: small, seedable, good enough to pick positions.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
+/// Seeded from `SOCLINK_SEED`, so a failing mutation replays.
+type Rng = rand::rngs::StdRng;
+
+/// A uniform index below `n` (0 when `n` is 0).
+fn below(rng: &mut Rng, n: usize) -> usize {
+    rng.random_range(0..n.max(1))
 }
 
 /// One way to damage a file.
@@ -77,30 +71,30 @@ enum Mutation {
 impl Mutation {
     fn random(rng: &mut Rng, len: usize) -> Mutation {
         let span = |rng: &mut Rng| {
-            let max = if rng.below(4) == 0 { 256 } else { 16 };
-            1 + rng.below(max)
+            let max = if below(rng, 4) == 0 { 256 } else { 16 };
+            1 + below(rng, max)
         };
-        match rng.below(5) {
+        match below(rng, 5) {
             0 => Mutation::Flip {
-                at: rng.below(len),
-                mask: 1 << rng.below(8),
+                at: below(rng, len),
+                mask: 1 << below(rng, 8),
             },
             1 => Mutation::Truncate {
-                len: rng.below(len),
+                len: below(rng, len),
             },
             2 => Mutation::Splice {
-                from: rng.below(len),
-                at: rng.below(len),
+                from: below(rng, len),
+                at: below(rng, len),
                 len: span(rng),
             },
             3 => Mutation::Zero {
-                at: rng.below(len),
+                at: below(rng, len),
                 len: span(rng),
             },
             _ => {
                 let n = span(rng);
                 Mutation::Append {
-                    garbage: (0..n).map(|_| rng.next() as u8).collect(),
+                    garbage: (0..n).map(|_| rng.random::<u8>()).collect(),
                 }
             }
         }
@@ -353,12 +347,12 @@ fn spool_every_header_byte_flipped_or_truncated() {
 #[test]
 fn spool_random_mutations() {
     let seed = common::seed();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::seed_from_u64(seed);
     let base = spool_base();
     let targets: Vec<&String> = base.files.keys().collect();
     let total = cases();
     for i in 0..total {
-        let target = targets[rng.below(targets.len())];
+        let target = targets[below(&mut rng, targets.len())];
         let m = Mutation::random(&mut rng, base.files[target].len());
         guard(&format!("seed {seed} case {i}: {target} {m:?}"), &|| {
             spool_case(&base, target, &m)
@@ -456,7 +450,7 @@ fn checkpoints_every_header_byte_flipped_or_truncated() {
 #[test]
 fn checkpoints_random_mutations() {
     let seed = common::seed();
-    let mut rng = Rng(seed ^ 0xC4EC);
+    let mut rng = Rng::seed_from_u64(seed ^ 0xC4EC);
     let base = checkpoint_base();
     let total = cases();
     for i in 0..total {
@@ -701,7 +695,7 @@ fn dedupe_state_every_header_byte_flipped_or_truncated() {
 #[test]
 fn dedupe_state_random_mutations() {
     let seed = common::seed();
-    let mut rng = Rng(seed ^ 0xDEDE);
+    let mut rng = Rng::seed_from_u64(seed ^ 0xDEDE);
     let base = store_base();
     let len = base.read(&state_path(AGENTS[0])).unwrap().len();
     let total = cases();
