@@ -101,8 +101,23 @@ impl Mutation {
     }
 
     /// Applies the mutation; returns the byte range of the original it changed or cut
-    /// (`usize::MAX` as end: through the end of the file).
+    /// (`usize::MAX` as end: through the end of the file). An in-place mutation is
+    /// narrowed to the bytes that really differ: a splice or zeroing may write some
+    /// bytes with the value they already had, and those carry no damage to report.
     fn apply(&self, data: &mut Vec<u8>) -> (usize, usize) {
+        let before = data.clone();
+        let (from, to) = self.apply_nominal(data);
+        if to == usize::MAX {
+            return (from, to);
+        }
+        let differs = |i: &usize| before[*i] != data[*i];
+        match (from..to).find(differs) {
+            Some(first) => (first, (from..to).rev().find(differs).unwrap() + 1),
+            None => (from, from),
+        }
+    }
+
+    fn apply_nominal(&self, data: &mut Vec<u8>) -> (usize, usize) {
         match *self {
             Mutation::Flip { at, mask } => {
                 data[at] ^= mask;
