@@ -352,7 +352,7 @@ impl Agent {
         drop(tx);
         let (htx, hrx) = mpsc::channel::<JoinHandle<Compressed>>(cpus + 1);
         let level = cfg.spool.compression_level;
-        let compressor = tokio::spawn(compress_stage(rx, htx, level));
+        let compressor = tokio::spawn(compress_stage(rx, htx, level, cpus));
         let heartbeat = crate::service::Heartbeat::new(); // service: watchdog
         let writer = tokio::spawn(write_stage(
             hrx,
@@ -535,10 +535,19 @@ async fn compress_stage(
     mut rx: mpsc::Receiver<SealedBatch>,
     out: mpsc::Sender<JoinHandle<Compressed>>,
     level: u32,
+    cpus: usize,
 ) {
+    // At most one compression per core: more cannot go faster, and each one holds a
+    // batch, its output, a deflate state and a blocking thread, which a backlog would
+    // otherwise multiply.
+    let cores = Arc::new(tokio::sync::Semaphore::new(cpus.max(1)));
     while let Some(b) = rx.recv().await {
+        let Ok(core) = cores.clone().acquire_owned().await else {
+            break;
+        };
         let h = tokio::task::spawn_blocking(move || {
-            let out = crate::pool::GZIP.take(b.raw.len() / 4 + 64);
+            let _core = core;
+            let out = crate::pool::GZIP.take(crate::pool::gzip_bound(b.raw.len()));
             let gzip = crate::pool::gzip_into(&b.raw, level, out);
             let raw_bytes = b.raw.len() as u64;
             crate::pool::BATCHES.give(b.raw);

@@ -53,26 +53,48 @@ impl<T> Kept<T> {
     }
 }
 
-/// A bounded stack of reusable byte buffers.
+/// A bounded stack of reusable byte buffers, sized by recent demand.
 pub struct BufPool {
     free: Mutex<Kept<Vec<u8>>>,
+    /// Largest demand (bytes asked for at `take`, or held at `give`) in the current
+    /// and the previous trim window.
+    need: Mutex<[usize; 2]>,
     /// Most buffers kept; more are freed.
     keep: usize,
     /// Larger buffers (grown by an exceptional batch) are freed, not kept.
     max_capacity: usize,
 }
 
+/// Buffers up to this capacity are always worth keeping, whatever the demand.
+const SMALL: usize = 256 << 10;
+
 impl BufPool {
     pub const fn new(keep: usize, max_capacity: usize) -> BufPool {
         BufPool {
             free: Mutex::new(Kept::new()),
+            need: Mutex::new([0; 2]),
             keep,
             max_capacity,
         }
     }
 
+    fn note_need(&self, n: usize) {
+        let mut need = lock(&self.need);
+        need[0] = need[0].max(n);
+    }
+
+    /// Capacity past which a buffer is freed rather than kept: twice what the last two
+    /// windows needed. A buffer a catch-up grew to a whole batch keeps its pages
+    /// resident however little later batches write into it, so once traffic is back
+    /// to small batches it goes back to the kernel instead of circulating for good.
+    fn limit(&self) -> usize {
+        let need = lock(&self.need);
+        (2 * need[0].max(need[1])).max(SMALL).min(self.max_capacity)
+    }
+
     /// An empty buffer with room for at least `capacity` bytes.
     pub fn take(&self, capacity: usize) -> Vec<u8> {
+        self.note_need(capacity);
         let reused = lock(&self.free).pop();
         match reused {
             Some(mut v) => {
@@ -83,9 +105,11 @@ impl BufPool {
         }
     }
 
-    /// Return a buffer for reuse (or free it, past `keep` or `max_capacity`).
+    /// Return a buffer for reuse (or free it: past `keep`, or larger than recent
+    /// demand warrants).
     pub fn give(&self, mut v: Vec<u8>) {
-        if v.capacity() == 0 || v.capacity() > self.max_capacity {
+        self.note_need(v.len());
+        if v.capacity() == 0 || v.capacity() > self.limit() {
             return;
         }
         v.clear();
@@ -100,8 +124,16 @@ impl BufPool {
         lock(&self.free).items.len()
     }
 
+    /// Ends a window: frees what went unused in it and what outgrew recent demand.
     fn trim(&self) {
-        lock(&self.free).trim();
+        let limit = self.limit();
+        let mut free = lock(&self.free);
+        free.trim();
+        free.items.retain(|v| v.capacity() <= limit);
+        free.idle = free.idle.min(free.items.len());
+        drop(free);
+        let mut need = lock(&self.need);
+        *need = [0, need[0]];
     }
 }
 
@@ -128,6 +160,19 @@ pub fn trim_idle() {
 /// Uncompressed batches (`batch_max_bytes`, 1 MiB by default): one is being filled by
 /// each source, the others wait for or are in compression.
 pub static BATCHES: BufPool = BufPool::new(4, 4 << 20);
+
+/// A buffer for a new batch. It starts small and grows as lines arrive, so its size
+/// (and what `BATCHES` keeps) follows the batches traffic really makes: a quiet host's
+/// batches are a few KiB, and only a backlog fills them to `batch_max_bytes`.
+pub fn batch_buffer() -> Vec<u8> {
+    BATCHES.take(64 << 10)
+}
+
+/// Room `gzip_into` reserves for compressing `raw_len` bytes: the worst case (stored
+/// blocks) plus the header and trailer.
+pub fn gzip_bound(raw_len: usize) -> usize {
+    raw_len + raw_len / 16 + 1024
+}
 /// gzip output of a batch, from compression until it is appended to the spool; and a
 /// spooled batch read back by the shipper, until it is written to TLS.
 pub static GZIP: BufPool = BufPool::new(4, 4 << 20);
@@ -158,7 +203,7 @@ pub fn gzip_into(raw: &[u8], level: u32, mut out: Vec<u8>) -> Vec<u8> {
     // Room for the worst case (stored blocks) up front, so the whole input is deflated
     // in one call: at level 0 the block layout would otherwise depend on the room
     // the buffer happened to have. Pages never written cost no memory.
-    out.reserve(raw.len() + raw.len() / 16 + 1024);
+    out.reserve(gzip_bound(raw.len()));
     let mut ok = true;
     loop {
         if out.capacity() - out.len() < 4096 {
@@ -285,6 +330,53 @@ mod tests {
         v.extend_from_slice(b"abc");
         pool.give(v);
         assert_eq!(pool.take(1).len(), 0);
+    }
+
+    #[test]
+    fn buffers_a_catch_up_grew_are_freed_once_batches_are_small_again() {
+        const MIB: usize = 1 << 20;
+        let pool = BufPool::new(4, 4 * MIB);
+        let batch = |pool: &BufPool, len: usize| {
+            let mut v = pool.take(64 << 10);
+            v.resize(len, b'x');
+            pool.give(v);
+        };
+        // Steady traffic: small batches in small buffers.
+        for _ in 0..10 {
+            batch(&pool, 30_000);
+        }
+        pool.trim();
+        // A catch-up fills whole batches; the buffers grown for it are reused
+        // throughout, not reallocated for each batch.
+        batch(&pool, MIB);
+        let grown = pool.take(1).capacity();
+        assert!(grown >= MIB);
+        let mut v = pool.take(1);
+        v.resize(MIB, b'x');
+        pool.give(v);
+        assert_eq!(pool.take(1).capacity(), grown, "kept during the catch-up");
+        // Small batches again: the window after the catch-up still remembers it.
+        pool.trim();
+        for _ in 0..10 {
+            batch(&pool, 30_000);
+        }
+        pool.trim();
+        // A whole window of small batches: a big buffer that comes back is freed, and
+        // none is left kept.
+        let mut big = Vec::with_capacity(MIB);
+        big.extend_from_slice(b"one small batch");
+        pool.give(big);
+        for _ in 0..10 {
+            batch(&pool, 30_000);
+        }
+        pool.trim();
+        assert!(pool.kept() >= 1, "steady traffic keeps its buffer");
+        let kept: Vec<Vec<u8>> = (0..pool.kept()).map(|_| pool.take(1)).collect();
+        assert!(
+            kept.iter().all(|v| v.capacity() < MIB),
+            "{:?}",
+            kept.iter().map(Vec::capacity).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -44,6 +44,8 @@ use crate::util::now_rfc3339;
 const FP_MAX: usize = 256;
 /// Read size; large reads make line splitting and syscalls cheap.
 const READ_CHUNK: usize = 1 << 20;
+/// A read turn that took less than this is steady traffic, not a backlog.
+const SMALL_TURN: u64 = 64 << 10;
 /// At most this much is read from one file before looking at the others (fairness).
 const MAX_READ_PER_TURN: u64 = 16 << 20;
 /// Longest sleep when nothing happens; bounds latency when inotify is unavailable.
@@ -182,6 +184,9 @@ pub struct FileSource {
     vanished_logged: (u64, Option<Instant>),
     batch: Open,
     buf: Vec<u8>,
+    /// Most bytes one read has written into `buf` since it was allocated: its pages
+    /// stay resident after that (see `read_file`).
+    buf_touched: usize,
     /// Checkpointed positions not yet matched to a file (startup only).
     known: HashMap<Key, FilePos>,
     first_scan: bool,
@@ -222,6 +227,7 @@ impl FileSource {
                 days: crate::clock::DayFiler::default(),
             },
             buf: vec![0; READ_CHUNK],
+            buf_touched: 0,
             known: checkpoint
                 .into_iter()
                 .map(|p| ((p.dev, p.ino), p))
@@ -849,7 +855,16 @@ impl FileSource {
             t.last_data = Instant::now();
             total += n as u64;
             progressed = true;
+            self.buf_touched = self.buf_touched.max(n);
             self.consume(key, &buf[..n]);
+        }
+        // A backlog (a catch-up after a full disk, a burst) fills the whole read buffer,
+        // and its pages would stay resident through the quiet hours after, when appends
+        // come a few KiB at a time. Once a turn reads little again, swap in a fresh
+        // buffer: zeroed pages cost no memory until a read writes to them.
+        if total < SMALL_TURN && self.buf_touched > SMALL_TURN as usize * 4 {
+            buf = vec![0; READ_CHUNK];
+            self.buf_touched = 0;
         }
         self.buf = buf;
         progressed
@@ -986,10 +1001,7 @@ impl FileSource {
             source: self.name.clone(),
             day: std::mem::take(&mut self.batch.day),
             events: self.batch.events,
-            raw: std::mem::replace(
-                &mut self.batch.raw,
-                crate::pool::BATCHES.take(self.limits.max_bytes as usize + 4096),
-            ),
+            raw: std::mem::replace(&mut self.batch.raw, crate::pool::batch_buffer()),
             cursor: serde_json::to_value(cursor).ok(),
         };
         self.batch.events = 0;

@@ -175,6 +175,8 @@ const SEGMENT_SUFFIX: &str = ".seg";
 const CORRUPT_SUFFIX: &str = ".corrupt";
 /// Appended records are written to the file once this much is buffered.
 const FLUSH_BYTES: usize = 1024 * 1024;
+/// Largest append buffer kept between flushes.
+const KEEP_PENDING: usize = 256 << 10;
 /// Read size when scanning for the next valid record after damage.
 const SCAN_CHUNK: usize = 64 * 1024;
 
@@ -1120,9 +1122,11 @@ impl Inner {
         };
         file.append(&self.pending).map_err(io_err(&path))?;
         self.pending.clear();
-        // One large record (a 4 MiB bundle chunk) grows the buffer; do not keep that
-        // much for the 1 MiB batches that follow.
-        if self.pending.capacity() > 4 * FLUSH_BYTES {
+        // A catch-up (groups of whole batches) or one large record (a 4 MiB bundle
+        // chunk) grows the buffer, and its pages would stay resident through the quiet
+        // hours after; steady traffic commits a few KiB at a time. Reallocating after a
+        // large flush costs page faults worth well under 1 % of compressing what it held.
+        if self.pending.capacity() > KEEP_PENDING {
             self.pending = Vec::new();
         }
         Ok(())

@@ -528,7 +528,7 @@ async fn batcher(
         if open.events == 0 {
             // A reused buffer (see crate::pool): growing a fresh one to the batch size
             // for every batch costs page faults and copies.
-            open.raw = crate::pool::BATCHES.take(max.min(4 << 20));
+            open.raw = crate::pool::batch_buffer();
             open.raw.extend_from_slice(&chunk.raw);
             open.day = chunk.day;
             open.deadline = Some(tokio::time::Instant::now() + limits.max_delay);
