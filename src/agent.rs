@@ -185,6 +185,17 @@ impl Agent {
                 "{e}; moved it to {shown} and starting without checkpoints (files are read again per start_at; the relay drops nothing it already has only if sequences match, so expect duplicates of recent lines)"
             );
         }
+        for aside in
+            crate::incident::outbox::quarantine_damaged(&crate::spool::fs::RealFs, &cfg.state_dir)
+        {
+            report.quarantined.push(
+                aside
+                    .strip_prefix(&cfg.state_dir)
+                    .unwrap_or(&aside)
+                    .display()
+                    .to_string(),
+            );
+        }
         let replayed = checkpoints.replay(&spool)?;
         if replayed > 0 {
             tracing::info!(

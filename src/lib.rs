@@ -43,6 +43,7 @@ pub mod pool;
 pub mod protocol;
 pub mod relay;
 pub mod reload;
+pub mod sealed;
 pub mod service;
 pub mod ship;
 pub mod sources;

@@ -458,3 +458,83 @@ fn power_out_at_each_fsync_of_a_declaration_with_bundle() {
         run(ops).unwrap_or_else(|e| panic!("power out after {after} fsyncs: {e}"));
     }
 }
+
+/// `outbox.json` flipped at every byte or truncated at every length: each damaged copy
+/// is set aside at start (kept as found), and the incident's record and bundle are
+/// enqueued again, which the relay takes idempotently. Trusting a damaged copy could
+/// mark the incident delivered on another batch's acknowledgement.
+#[test]
+fn a_damaged_outbox_state_is_set_aside_and_the_incident_sent_again() {
+    use soclink::incident::outbox::quarantine_damaged;
+    let w = World {
+        fs: SimFs::new(),
+        state: PathBuf::from("/state"),
+        report: Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/incident/closing-report.txt"),
+    };
+    w.fs.create_dir_all(&w.state).unwrap();
+    let a = open(&w);
+    let mut model = Vec::new();
+    let mut relay = Relay::default();
+    for s in [
+        Step::Declare {
+            level: 3,
+            bundle: true,
+        },
+        Step::Scan,
+    ] {
+        step_once(&w, &a, &mut model, s).unwrap();
+    }
+    ship(&a, &mut relay, 100).unwrap();
+    step_once(&w, &a, &mut model, Step::Scan).unwrap();
+    drop(a);
+    let path = w
+        .state
+        .join("incidents")
+        .join(&model[0].id)
+        .join("outbox.json");
+    let good = w.fs.read(&path).expect("outbox.json written");
+    assert!(quarantine_damaged(&w.fs, &w.state).is_empty(), "intact");
+    let mut damaged_copies = Vec::new();
+    for at in 0..good.len() {
+        for mask in [0x01u8, 0x80] {
+            let mut d = good.clone();
+            d[at] ^= mask;
+            damaged_copies.push(d);
+        }
+        damaged_copies.push(good[..at].to_vec());
+    }
+    for (i, damaged) in damaged_copies.iter().enumerate() {
+        w.fs.write_durable(&path, damaged);
+        let aside = quarantine_damaged(&w.fs, &w.state);
+        assert_eq!(aside.len(), 1, "case {i}: damage not detected");
+        assert_eq!(
+            w.fs.read(&aside[0]).as_ref(),
+            Some(damaged),
+            "kept as found"
+        );
+        assert!(w.fs.read(&path).is_none(), "case {i}: moved aside");
+        let a = open(&w);
+        let before = a.spool.stats().durable_seq;
+        a.outbox.scan().unwrap();
+        assert!(
+            a.spool.stats().durable_seq >= before + 2,
+            "case {i}: record and bundle enqueued again"
+        );
+        assert!(quarantine_damaged(&w.fs, &w.state).is_empty());
+        ship(&a, &mut relay, 100).unwrap();
+        a.outbox.scan().unwrap();
+        acknowledged_only_when_stored(&a, &relay).unwrap();
+    }
+    let a = open(&w);
+    let inc = &a.store.list().unwrap()[0];
+    for k in [EventKind::Delivered, EventKind::Acknowledged] {
+        assert_eq!(
+            inc.timeline.iter().filter(|e| e.event == k).count(),
+            1,
+            "{k:?} once in the timeline"
+        );
+    }
+    assert_eq!(relay.bundles.get(&model[0].id), model[0].bundle.as_ref());
+    eprintln!("outbox state cases: {}", damaged_copies.len());
+}

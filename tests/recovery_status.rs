@@ -1,6 +1,7 @@
-//! Damage found at start is handled and visible: a flipped byte inside a spool segment
-//! and a garbage checkpoint file are detected, set aside or skipped, logged, and shown
-//! by `soclink status` (table and JSON), while the agent keeps running.
+//! Damage found at start is handled and visible: a flipped byte inside a spool segment,
+//! a garbage checkpoint file and an incident's outbox state that is not sealed are
+//! detected, set aside or skipped, logged, and shown by `soclink status` (table and
+//! JSON), while the agent keeps running.
 
 mod common;
 
@@ -48,6 +49,37 @@ fn damaged_spool_and_checkpoints_are_set_aside_and_shown_in_status() {
     bytes[mid] ^= 0x5a;
     std::fs::write(&segs[0], &bytes).unwrap();
     std::fs::write(agent.state.join("checkpoints.json"), b"{ not a checkpoint").unwrap();
+    // An incident declared while the agent was down, with an outbox state written by
+    // someone else (plain JSON, no checksum) that claims the record went out as seq 1.
+    let out = Command::new(bin())
+        .args([
+            "incident",
+            "declare",
+            "--level",
+            "2",
+            "--summary",
+            "test",
+            "-c",
+        ])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let incident = std::fs::read_dir(agent.state.join("incidents"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .find(|n| !n.starts_with('.'))
+        .expect("an incident folder");
+    let outbox = agent
+        .state
+        .join("incidents")
+        .join(&incident)
+        .join("outbox.json");
+    std::fs::write(&outbox, br#"{"record_sha256":"","record_seq":1}"#).unwrap();
 
     agent.start();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -74,6 +106,14 @@ fn damaged_spool_and_checkpoints_are_set_aside_and_shown_in_status() {
         "{r}"
     );
     assert!(
+        r["quarantined"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|q| q.as_str() == Some(&format!("incidents/{incident}/outbox.json.corrupt"))),
+        "{r}"
+    );
+    assert!(
         r["checkpoint_reset"].as_str().unwrap().contains("corrupt"),
         "{r}"
     );
@@ -90,9 +130,21 @@ fn damaged_spool_and_checkpoints_are_set_aside_and_shown_in_status() {
     );
     let log = agent.log();
     assert_eq!(
-        log.matches("moved it to").count(),
+        log.matches("starting without checkpoints").count(),
         1,
         "the checkpoint damage is logged once:\n{log}"
+    );
+    assert_eq!(
+        log.matches("sending the incident's record, bundle and report again")
+            .count(),
+        1,
+        "the outbox damage is logged once:\n{log}"
+    );
+    // Set aside as found (the resend is in tests/incident_model.rs; this agent has
+    // no upstream).
+    assert_eq!(
+        std::fs::read(outbox.with_extension("json.corrupt")).unwrap(),
+        br#"{"record_sha256":"","record_seq":1}"#
     );
     assert!(log.contains("spool recovery:"), "{log}");
     agent.stop();

@@ -5,16 +5,20 @@
 //! It scans `state_dir/incidents` every second, so it ships whatever `soclink incident`
 //! recorded, whether the agent was running at the time or not (guideline 3.1(三): act
 //! within the hour even when the network is down, deliver when it is back). What was
-//! enqueued is remembered per incident in `outbox.json` beside the record:
+//! enqueued is remembered per incident in `outbox.json` beside the record, sealed with
+//! a checksum ([`crate::sealed`]):
 //!
 //! ```text
+//! soclink-outbox v1 crc32=<8 hex digits>
 //! { "record_sha256": "<hex of the record as last enqueued>", "record_seq": u64,
 //!   "bundle_first_seq": u64, "bundle_last_seq": u64, "report_seq": u64 }
 //! ```
 //!
 //! Enqueueing is idempotent at the relay (a record replaces the previous one; a chunk
 //! is written at its offset), so a crash between enqueueing and writing `outbox.json`
-//! only sends the same thing twice.
+//! only sends the same thing twice. That is also how a damaged `outbox.json` is
+//! recovered: it is set aside and everything of that incident is sent again. Trusting
+//! it instead could mark an incident delivered on an acknowledgement of another batch.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,6 +41,9 @@ pub const CHUNK: usize = 4 << 20;
 /// The wire stream of the priority lane.
 pub const PRIORITY_STREAM: &str = "priority";
 
+const MAGIC: &str = "soclink-outbox v1 crc32=";
+const STATE_FILE: &str = "outbox.json";
+
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct OutboxState {
     #[serde(default)]
@@ -49,6 +56,55 @@ pub struct OutboxState {
     bundle_last_seq: u64,
     #[serde(default)]
     report_seq: u64,
+}
+
+impl OutboxState {
+    fn encode(&self) -> Vec<u8> {
+        // Strings and integers only: serializing cannot fail.
+        crate::sealed::seal(MAGIC, &serde_json::to_vec(self).unwrap_or_default())
+    }
+}
+
+/// An incident's outbox state: `None` if there is none yet, `Err` (why) if the file is
+/// damaged or unreadable.
+fn load_state(fs: &dyn Fs, path: &Path) -> Result<Option<OutboxState>, String> {
+    let Some(bytes) = read_all(fs, path).map_err(|e| format!("cannot read: {e}"))? else {
+        return Ok(None);
+    };
+    let body = crate::sealed::unseal(MAGIC, &bytes)?;
+    serde_json::from_slice(body)
+        .map(Some)
+        .map_err(|e| format!("bad JSON: {e}"))
+}
+
+fn aside_note(aside: Option<&Path>) -> String {
+    match aside {
+        Some(a) => format!(
+            "moved it to {} and sending the incident's record, bundle and report again",
+            a.display()
+        ),
+        None => {
+            "it could not be moved aside; sending the incident's record, bundle and report again"
+                .into()
+        }
+    }
+}
+
+/// At agent start: set aside every damaged `outbox.json` under `state_dir/incidents`
+/// and log it once; returns where each went (or the file itself, if it could not be
+/// moved), for `soclink status`.
+pub fn quarantine_damaged(fs: &dyn Fs, state_dir: &Path) -> Vec<PathBuf> {
+    let dir = state_dir.join("incidents");
+    let mut out = Vec::new();
+    for id in fs.list_dirs(&dir).unwrap_or_default() {
+        let path = dir.join(&id).join(STATE_FILE);
+        if let Err(why) = load_state(fs, &path) {
+            let aside = crate::sealed::set_aside(fs, &path);
+            tracing::error!(incident = %id, "{}: {why}; {}", path.display(), aside_note(aside.as_deref()));
+            out.push(aside.unwrap_or(path));
+        }
+    }
+    out
 }
 
 pub struct Outbox {
@@ -116,15 +172,20 @@ impl Outbox {
 
     fn one(&self, store: &IncidentStore, mut inc: Incident) -> Result<()> {
         let idir = store.incident_dir(&inc.id)?;
-        let st_path = idir.join("outbox.json");
+        let st_path = idir.join(STATE_FILE);
         let cached = crate::util::lock(&self.sent).get(&inc.id).cloned();
-        let mut st: OutboxState = cached.unwrap_or_else(|| {
-            read_all(&*self.fs, &st_path)
-                .ok()
-                .flatten()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or_default()
-        });
+        let mut st: OutboxState = match cached {
+            Some(st) => st,
+            None => match load_state(&*self.fs, &st_path) {
+                Ok(st) => st.unwrap_or_default(),
+                // Damaged since the start-up check: the same recovery, logged here.
+                Err(why) => {
+                    let aside = crate::sealed::set_aside(&*self.fs, &st_path);
+                    tracing::error!(incident = %inc.id, "{}: {why}; {}", st_path.display(), aside_note(aside.as_deref()));
+                    OutboxState::default()
+                }
+            },
+        };
         let before = st.clone();
 
         // Acknowledgements first: they change the record, which is then sent again.
@@ -225,7 +286,7 @@ impl Outbox {
 
         if st != before {
             crate::util::lock(&self.sent).insert(inc.id.clone(), st.clone());
-            write_atomic(&*self.fs, &st_path, &serde_json::to_vec(&st)?).with_context(|| {
+            write_atomic(&*self.fs, &st_path, &st.encode()).with_context(|| {
                 format!(
                     "cannot write {} (incident folders must be writable by the agent's user: run `soclink incident` as that user)",
                     st_path.display()

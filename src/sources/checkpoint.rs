@@ -112,52 +112,20 @@ impl Checkpoints {
         match Self::load_with(fs, path) {
             Ok(c) => (c, None),
             Err(e) => {
-                let dir = path.parent().unwrap_or(Path::new("."));
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let taken = fs.list_dir(dir).unwrap_or_default();
-                let aside = (0u32..1000)
-                    .map(|i| match i {
-                        0 => format!("{name}.corrupt"),
-                        i => format!("{name}.corrupt.{i}"),
-                    })
-                    .find(|n| !taken.contains(n))
-                    .map(|n| dir.join(n));
-                let moved =
-                    aside.filter(|a| fs.rename(path, a).is_ok() && fs.sync_dir(dir).is_ok());
+                let moved = crate::sealed::set_aside(fs, path);
                 (Checkpoints::default(), Some((e, moved)))
             }
         }
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Checkpoints, String> {
-        let nl = memchr::memchr(b'\n', bytes).ok_or("no header line")?;
-        let header = std::str::from_utf8(&bytes[..nl]).map_err(|_| "header is not text")?;
-        let crc_hex = header.strip_prefix(MAGIC).ok_or("bad header")?;
-        // Exactly what `encode` writes: an upper-case digit is a flipped bit too.
-        if crc_hex.len() != 8
-            || !crc_hex
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
-            return Err("bad checksum field".into());
-        }
-        let crc = u32::from_str_radix(crc_hex, 16).map_err(|_| "bad checksum field")?;
-        let body = &bytes[nl + 1..];
-        if crc32fast::hash(body) != crc {
-            return Err("checksum mismatch".into());
-        }
+        let body = crate::sealed::unseal(MAGIC, bytes)?;
         serde_json::from_slice(body).map_err(|e| format!("bad JSON: {e}"))
     }
 
     pub fn encode(&self) -> Vec<u8> {
         // Serializing plain maps of strings and integers cannot fail.
-        let body = serde_json::to_vec(self).unwrap_or_default();
-        let mut out = format!("{MAGIC}{:08x}\n", crc32fast::hash(&body)).into_bytes();
-        out.extend_from_slice(&body);
-        out
+        crate::sealed::seal(MAGIC, &serde_json::to_vec(self).unwrap_or_default())
     }
 
     pub fn store(&self, path: &Path) -> std::io::Result<()> {
