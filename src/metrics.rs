@@ -402,6 +402,7 @@ pub fn encode_agent(s: &AgentStatus) -> Result<String, std::fmt::Error> {
     let drops: Family<Labels, Counter> = Family::default();
     let parse_errors: Family<Labels, Counter> = Family::default();
     let gaps: Family<Labels, Counter> = Family::default();
+    let vanished: Family<Labels, Counter> = Family::default();
     for src in &s.sources {
         let l = labels(&[("source", &src.name), ("type", &src.kind)]);
         lines.get_or_create(&l).inc_by(src.lines);
@@ -417,6 +418,9 @@ pub fn encode_agent(s: &AgentStatus) -> Result<String, std::fmt::Error> {
         }
         if let Some(n) = src.gaps {
             gaps.get_or_create(&l).inc_by(n);
+        }
+        if let Some(n) = src.vanished {
+            vanished.get_or_create(&l).inc_by(n);
         }
     }
     r.register(
@@ -449,6 +453,11 @@ pub fn encode_agent(s: &AgentStatus) -> Result<String, std::fmt::Error> {
         "soclink_source_gaps",
         "Journald resumptions whose saved cursor was gone (entries may be missing)",
         gaps,
+    );
+    r.register(
+        "soclink_source_vanished",
+        "Files gone before the file source could open or reopen them (lines after that not collected)",
+        vanished,
     );
     spool(&mut r, &s.spool);
     if let Some(l) = &s.upstream {
@@ -620,6 +629,7 @@ mod tests {
                 files: Some(1),
                 parse_errors: None,
                 gaps: None,
+                vanished: Some(0),
             }],
             spool: SpoolStatus {
                 depth_batches: 3,
@@ -650,6 +660,7 @@ mod tests {
             "# TYPE soclink_source_lines counter\n",
             "soclink_source_lines_total{source=\"a\\\"b\",type=\"file\"} 1000\n",
             "soclink_source_truncated_total{source=\"a\\\"b\",type=\"file\"} 2\n",
+            "soclink_source_vanished_total{source=\"a\\\"b\",type=\"file\"} 0\n",
             "soclink_spool_depth_batches 3\n",
             "soclink_spool_oldest_unacked_seconds 0\n",
             "soclink_upstream_connected 1\n",

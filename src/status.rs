@@ -103,6 +103,10 @@ pub struct SourceStatus {
     pub parse_errors: Option<u64>,
     /// Journald resumptions whose saved cursor was gone (entries may be missing).
     pub gaps: Option<u64>,
+    /// Files gone before the file source could open or reopen them (deleted, or
+    /// renamed out of its globs): lines written to them after that were not collected.
+    #[serde(default)]
+    pub vanished: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -408,6 +412,7 @@ impl SourceCounters {
             files: None,
             parse_errors: None,
             gaps: None,
+            vanished: None,
         };
         match self {
             SourceCounters::File(s) => SourceStatus {
@@ -416,6 +421,7 @@ impl SourceCounters {
                 errors: get(&s.errors),
                 truncated: get(&s.truncated),
                 files: Some(get(&s.files)),
+                vanished: Some(get(&s.vanished)),
                 ..base("file")
             },
             SourceCounters::Syslog(s) => SourceStatus {
@@ -780,6 +786,8 @@ pub fn render_agent(s: &AgentStatus) -> String {
                     ("drops", x.drops),
                     ("parse_errors", x.parse_errors),
                     ("gaps", x.gaps),
+                    // Only once something vanished: the common case is none.
+                    ("vanished", x.vanished.filter(|n| *n > 0)),
                 ];
                 for (k, v) in opt {
                     if let Some(v) = v {
@@ -1182,6 +1190,7 @@ mod tests {
                 files: Some(1),
                 parse_errors: None,
                 gaps: None,
+                vanished: None,
             }],
             spool: SpoolStatus {
                 depth_batches: 3,
