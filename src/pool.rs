@@ -67,6 +67,12 @@ pub struct BufPool {
 
 /// Buffers up to this capacity are always worth keeping, whatever the demand.
 const SMALL: usize = 256 << 10;
+/// Smallest buffer a pool allocates: glibc's mmap threshold as the agent sets it (see
+/// `main.rs`), so every pooled buffer is a mapping of its own. A smaller one would live
+/// in a malloc arena, and the sizes a catch-up passes through (a few KiB to a whole
+/// batch) left the arenas fragmented: in the soak their resident size crept up with
+/// each catch-up. Pages of the mapping that are never written cost nothing.
+const OWN_MAPPING: usize = 128 << 10;
 
 impl BufPool {
     pub const fn new(keep: usize, max_capacity: usize) -> BufPool {
@@ -101,7 +107,7 @@ impl BufPool {
                 v.reserve(capacity);
                 v
             }
-            None => Vec::with_capacity(capacity),
+            None => Vec::with_capacity(capacity.max(OWN_MAPPING)),
         }
     }
 
