@@ -5,8 +5,9 @@
 //! SIGKILL), the link is partitioned for 60 s (at minutes 6 and 21), and the agent's
 //! disk is full for 60 s (at minutes 3 and 39). At the end every line written must be in
 //! the store exactly once, byte for byte, and the agent's memory must be flat: its peak
-//! RSS after the first 10 minutes within +10 % of its peak during them, both in total
-//! (`VmRSS`) and for the heap and stacks alone (`RssAnon`, the part a leak would grow).
+//! RSS (`VmRSS`) after the first 10 minutes within +10 % of its peak during them. The
+//! heap and stacks alone (`RssAnon`, where a leak would show first) are reported
+//! beside it, and so is the agent's peak before the first fault.
 //!
 //! Each kind of fault comes once inside the first 10 minutes: a catch-up after a full
 //! disk legitimately fills whole batches, so a baseline without one would measure an
@@ -203,7 +204,7 @@ struct Memory {
     /// Peak `RssAnon` during the baseline stretch and after it, KiB.
     baseline_peak: u64,
     later_peak: u64,
-    /// The same for total RSS (`VmRSS`), reported only.
+    /// The same for total RSS (`VmRSS`), the figure the rule judges.
     baseline_rss: u64,
     later_rss: u64,
     /// (seconds, VmRSS KiB, RssAnon KiB)
@@ -441,12 +442,26 @@ fn soak_rotation_restarts_partition_disk_full() {
         rotations.load(Ordering::Relaxed) >= 10 && restarts >= 3,
         "the schedule did not run"
     );
+    // Also the agent before any fault (steady traffic only), for the record: the
+    // catch-up's working set is the difference.
+    let first_fault = plan.fulls[0].min(plan.partitions[0]).as_secs_f64();
+    let before_faults = mem
+        .samples
+        .iter()
+        .filter(|s| s.0 < first_fault)
+        .fold((0, 0), |m, s| (m.0.max(s.1), m.1.max(s.2)));
+    eprintln!(
+        "soak: before the first fault ({first_fault:.0}s) the agent peaked at {} KiB RSS, {} KiB anonymous",
+        before_faults.0, before_faults.1
+    );
     if plan.judge_memory {
-        let within = |later: u64, base: u64| later <= base + base / 10;
+        // The issue's rule: peak RSS within +10 % of the first 10 minutes' peak. The
+        // anonymous part is reported beside it: it is where a leak would show first,
+        // and a growth of it is named in the failure.
         assert!(
-            within(mem.later_rss, mem.baseline_rss) && within(mem.later_peak, mem.baseline_peak),
-            "agent memory grew: peak RSS {} KiB after the first {:.0}s, {} KiB during them; \
-             anonymous {} KiB after, {} KiB during (limit: +10 %)",
+            mem.later_rss <= mem.baseline_rss + mem.baseline_rss / 10,
+            "agent memory grew: peak RSS {} KiB after the first {:.0}s, {} KiB during them \
+             (limit: +10 %); anonymous {} KiB after, {} KiB during",
             mem.later_rss,
             plan.baseline.as_secs_f64(),
             mem.baseline_rss,
