@@ -55,14 +55,30 @@ impl<T> Kept<T> {
 
 /// A bounded stack of reusable byte buffers, sized by recent demand.
 pub struct BufPool {
-    free: Mutex<Kept<Vec<u8>>>,
-    /// Largest demand (bytes asked for at `take`, or held at `give`) in the current
-    /// and the previous trim window.
-    need: Mutex<[usize; 2]>,
+    free: Mutex<Free>,
     /// Most buffers kept; more are freed.
     keep: usize,
     /// Larger buffers (grown by an exceptional batch) are freed, not kept.
     max_capacity: usize,
+}
+
+struct Free {
+    kept: Kept<Vec<u8>>,
+    /// Largest demand (bytes asked for at `take`, or held at `give`) in the current
+    /// and the previous trim window.
+    need: [usize; 2],
+}
+
+impl Free {
+    /// Capacity past which a buffer is freed rather than kept: twice what the last two
+    /// windows needed. A buffer a catch-up grew to a whole batch keeps its pages
+    /// resident however little later batches write into it, so once traffic is back
+    /// to small batches it goes back to the kernel instead of circulating for good.
+    fn limit(&self, max_capacity: usize) -> usize {
+        (2 * self.need[0].max(self.need[1]))
+            .max(SMALL)
+            .min(max_capacity)
+    }
 }
 
 /// Buffers up to this capacity are always worth keeping, whatever the demand.
@@ -77,31 +93,22 @@ const OWN_MAPPING: usize = 128 << 10;
 impl BufPool {
     pub const fn new(keep: usize, max_capacity: usize) -> BufPool {
         BufPool {
-            free: Mutex::new(Kept::new()),
-            need: Mutex::new([0; 2]),
+            free: Mutex::new(Free {
+                kept: Kept::new(),
+                need: [0; 2],
+            }),
             keep,
             max_capacity,
         }
     }
 
-    fn note_need(&self, n: usize) {
-        let mut need = lock(&self.need);
-        need[0] = need[0].max(n);
-    }
-
-    /// Capacity past which a buffer is freed rather than kept: twice what the last two
-    /// windows needed. A buffer a catch-up grew to a whole batch keeps its pages
-    /// resident however little later batches write into it, so once traffic is back
-    /// to small batches it goes back to the kernel instead of circulating for good.
-    fn limit(&self) -> usize {
-        let need = lock(&self.need);
-        (2 * need[0].max(need[1])).max(SMALL).min(self.max_capacity)
-    }
-
     /// An empty buffer with room for at least `capacity` bytes.
     pub fn take(&self, capacity: usize) -> Vec<u8> {
-        self.note_need(capacity);
-        let reused = lock(&self.free).pop();
+        let reused = {
+            let mut free = lock(&self.free);
+            free.need[0] = free.need[0].max(capacity);
+            free.kept.pop()
+        };
         match reused {
             Some(mut v) => {
                 v.reserve(capacity);
@@ -114,32 +121,31 @@ impl BufPool {
     /// Return a buffer for reuse (or free it: past `keep`, or larger than recent
     /// demand warrants).
     pub fn give(&self, mut v: Vec<u8>) {
-        self.note_need(v.len());
-        if v.capacity() == 0 || v.capacity() > self.limit() {
+        let mut free = lock(&self.free);
+        free.need[0] = free.need[0].max(v.len());
+        if v.capacity() == 0
+            || v.capacity() > free.limit(self.max_capacity)
+            || free.kept.items.len() >= self.keep
+        {
             return;
         }
         v.clear();
-        let mut free = lock(&self.free);
-        if free.items.len() < self.keep {
-            free.items.push(v);
-        }
+        free.kept.items.push(v);
     }
 
     /// Buffers currently kept, for tests.
     pub fn kept(&self) -> usize {
-        lock(&self.free).items.len()
+        lock(&self.free).kept.items.len()
     }
 
     /// Ends a window: frees what went unused in it and what outgrew recent demand.
     fn trim(&self) {
-        let limit = self.limit();
         let mut free = lock(&self.free);
-        free.trim();
-        free.items.retain(|v| v.capacity() <= limit);
-        free.idle = free.idle.min(free.items.len());
-        drop(free);
-        let mut need = lock(&self.need);
-        *need = [0, need[0]];
+        let limit = free.limit(self.max_capacity);
+        free.kept.trim();
+        free.kept.items.retain(|v| v.capacity() <= limit);
+        free.kept.idle = free.kept.idle.min(free.kept.items.len());
+        free.need = [0, free.need[0]];
     }
 }
 
@@ -171,7 +177,7 @@ pub static BATCHES: BufPool = BufPool::new(4, 4 << 20);
 /// (and what `BATCHES` keeps) follows the batches traffic really makes: a quiet host's
 /// batches are a few KiB, and only a backlog fills them to `batch_max_bytes`.
 pub fn batch_buffer() -> Vec<u8> {
-    BATCHES.take(64 << 10)
+    BATCHES.take(OWN_MAPPING)
 }
 
 /// Room `gzip_into` reserves for compressing `raw_len` bytes: the worst case (stored

@@ -112,6 +112,19 @@ struct Agent {
     spool: Spool,
 }
 
+impl World {
+    fn new() -> World {
+        let w = World {
+            fs: SimFs::new(),
+            state: PathBuf::from("/state"),
+            report: Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/data/incident/closing-report.txt"),
+        };
+        w.fs.create_dir_all(&w.state).unwrap();
+        w
+    }
+}
+
 const REPORT: &str = "root cause: a model test\nservice restored\n";
 
 fn open(w: &World) -> Agent {
@@ -297,13 +310,7 @@ fn acknowledged_only_when_stored(a: &Agent, relay: &Relay) -> Result<(), TestCas
 }
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let w = World {
-        fs: SimFs::new(),
-        state: PathBuf::from("/state"),
-        report: Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/data/incident/closing-report.txt"),
-    };
-    w.fs.create_dir_all(&w.state).unwrap();
+    let w = World::new();
     let mut a = open(&w);
     let mut model: Vec<Declared> = Vec::new();
     let mut relay = Relay::default();
@@ -466,13 +473,7 @@ fn power_out_at_each_fsync_of_a_declaration_with_bundle() {
 #[test]
 fn a_damaged_outbox_state_is_set_aside_and_the_incident_sent_again() {
     use soclink::incident::outbox::quarantine_damaged;
-    let w = World {
-        fs: SimFs::new(),
-        state: PathBuf::from("/state"),
-        report: Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/data/incident/closing-report.txt"),
-    };
-    w.fs.create_dir_all(&w.state).unwrap();
+    let w = World::new();
     let a = open(&w);
     let mut model = Vec::new();
     let mut relay = Relay::default();

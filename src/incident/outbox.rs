@@ -77,17 +77,20 @@ fn load_state(fs: &dyn Fs, path: &Path) -> Result<Option<OutboxState>, String> {
         .map_err(|e| format!("bad JSON: {e}"))
 }
 
-fn aside_note(aside: Option<&Path>) -> String {
-    match aside {
-        Some(a) => format!(
-            "moved it to {} and sending the incident's record, bundle and report again",
-            a.display()
-        ),
-        None => {
-            "it could not be moved aside; sending the incident's record, bundle and report again"
-                .into()
-        }
-    }
+/// Move a damaged outbox state aside and log it once; where it went (or `path`, if it
+/// could not be moved: the next write replaces it).
+fn set_aside(fs: &dyn Fs, path: &Path, incident: &str, why: &str) -> PathBuf {
+    let aside = crate::sealed::set_aside(fs, path);
+    let note = match &aside {
+        Some(a) => format!("moved it to {}", a.display()),
+        None => "it could not be moved aside".into(),
+    };
+    tracing::error!(
+        incident,
+        "{}: {why}; {note} and sending the incident's record, bundle and report again",
+        path.display()
+    );
+    aside.unwrap_or_else(|| path.to_path_buf())
 }
 
 /// At agent start: set aside every damaged `outbox.json` under `state_dir/incidents`
@@ -99,9 +102,7 @@ pub fn quarantine_damaged(fs: &dyn Fs, state_dir: &Path) -> Vec<PathBuf> {
     for id in fs.list_dirs(&dir).unwrap_or_default() {
         let path = dir.join(&id).join(STATE_FILE);
         if let Err(why) = load_state(fs, &path) {
-            let aside = crate::sealed::set_aside(fs, &path);
-            tracing::error!(incident = %id, "{}: {why}; {}", path.display(), aside_note(aside.as_deref()));
-            out.push(aside.unwrap_or(path));
+            out.push(set_aside(fs, &path, &id, &why));
         }
     }
     out
@@ -178,10 +179,9 @@ impl Outbox {
             Some(st) => st,
             None => match load_state(&*self.fs, &st_path) {
                 Ok(st) => st.unwrap_or_default(),
-                // Damaged since the start-up check: the same recovery, logged here.
+                // Damaged since the start-up check: the same recovery.
                 Err(why) => {
-                    let aside = crate::sealed::set_aside(&*self.fs, &st_path);
-                    tracing::error!(incident = %inc.id, "{}: {why}; {}", st_path.display(), aside_note(aside.as_deref()));
+                    set_aside(&*self.fs, &st_path, &inc.id, &why);
                     OutboxState::default()
                 }
             },
