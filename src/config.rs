@@ -18,7 +18,12 @@ use crate::util::{HumanDuration, Size, line_col};
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/soclink";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/soclink/control.sock";
 pub const DEFAULT_RELAY_STATE_DIR: &str = "/var/lib/soclink-relay";
-pub const DEFAULT_RELAY_CONTROL_SOCKET: &str = "/run/soclink/relay.sock";
+pub const DEFAULT_RELAY_CONTROL_SOCKET: &str = "/run/soclink-relay/control.sock";
+/// The Unix group whose members may use the control sockets (declare incidents, run
+/// intel now, read status); distinct from the services' own groups.
+pub const DEFAULT_OPERATOR_GROUP: &str = "soclink-operators";
+/// Default bound on connections from one address before their certificate is checked.
+pub const DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS: usize = 64;
 
 /// One problem found in a config file, located by line and column (1-based).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +106,9 @@ pub struct AgentConfig {
     pub host: String,
     pub state_dir: PathBuf,
     pub control_socket: PathBuf,
+    /// Unix group whose members may use the control socket (besides root and the
+    /// agent's own user).
+    pub operator_group: String,
     pub sources: Vec<SourceConfig>,
     pub spool: SpoolSettings,
     pub upstream: Option<UpstreamConfig>,
@@ -214,6 +222,7 @@ struct RawAgent {
     id: Option<Spanned<String>>,
     state_dir: Option<PathBuf>,
     control_socket: Option<PathBuf>,
+    operator_group: Option<Spanned<String>>,
     #[serde(default)]
     source: Vec<Spanned<RawSource>>,
     #[serde(default)]
@@ -490,6 +499,7 @@ pub fn parse_agent(text: &str) -> Result<AgentConfig, Vec<Problem>> {
         }
     }
     let spool = spool_settings(raw.spool, &mut p);
+    let operator_group = operator_group(raw.operator_group, &mut p);
     let has_upstream = raw.upstream.is_some();
     let upstream = raw.upstream.and_then(|u| upstream(u, &mut p));
     let metrics = metrics_settings(raw.metrics, &mut p);
@@ -533,6 +543,7 @@ pub fn parse_agent(text: &str) -> Result<AgentConfig, Vec<Problem>> {
         control_socket: raw
             .control_socket
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+        operator_group,
         sources,
         spool,
         upstream,
@@ -896,6 +907,28 @@ fn parse_proxy(s: &str) -> Result<String, String> {
     Ok(hostport.to_string())
 }
 
+/// `operator_group`: a Unix group name (checked for shape only: the group may be
+/// created after the config is written).
+fn operator_group(raw: Option<Spanned<String>>, p: &mut Problems) -> String {
+    let Some(g) = raw else {
+        return DEFAULT_OPERATOR_GROUP.to_string();
+    };
+    let name = g.get_ref();
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !ok {
+        p.at(
+            g.span(),
+            format!("operator_group {name:?} must be a Unix group name (letters, digits, '_', '-', '.'; at most 32)"),
+        );
+    }
+    g.into_inner()
+}
+
 /// Names that become folder names at the relay must be one safe path component.
 pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
@@ -1058,6 +1091,12 @@ pub struct RelayConfig {
     /// other agents. Anyone else can only ever send its own.
     pub trusted_forwarders: Vec<String>,
     pub metrics: MetricsSettings,
+    /// Connections from one IP address that may be in the TLS handshake (not yet
+    /// authenticated) at once; past it, new ones from that address are closed.
+    pub max_unauthenticated_per_address: usize,
+    /// Unix group whose members may use the control socket (besides root and the
+    /// relay's own user).
+    pub operator_group: String,
 }
 
 #[derive(Deserialize)]
@@ -1076,6 +1115,8 @@ struct RawRelay {
     cert: PathBuf,
     key: PathBuf,
     max_connections: Option<Spanned<i64>>,
+    max_unauthenticated_per_address: Option<Spanned<i64>>,
+    operator_group: Option<Spanned<String>>,
     handshake_timeout: Option<HumanDuration>,
     idle_timeout: Option<HumanDuration>,
     max_batch_bytes: Option<Spanned<Size>>,
@@ -1136,6 +1177,20 @@ pub fn parse_relay(text: &str) -> Result<RelayConfig, Vec<Problem>> {
         },
         None => 4096,
     };
+    let max_unauthenticated_per_address = match raw.max_unauthenticated_per_address {
+        Some(m) => match usize::try_from(*m.get_ref()) {
+            Ok(n) if n > 0 => n,
+            _ => {
+                p.at(
+                    m.span(),
+                    "max_unauthenticated_per_address must be a positive number",
+                );
+                1
+            }
+        },
+        None => DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
+    };
+    let operator_group = operator_group(raw.operator_group, &mut p);
     let max_batch_bytes = raw
         .max_batch_bytes
         .as_ref()
@@ -1171,6 +1226,8 @@ pub fn parse_relay(text: &str) -> Result<RelayConfig, Vec<Problem>> {
         crls: raw.crls,
         trusted_forwarders: raw.trusted_forwarders,
         metrics,
+        max_unauthenticated_per_address,
+        operator_group,
     })
 }
 

@@ -309,6 +309,8 @@ pub type Upstream = (String, Arc<Mutex<UpstreamStatus>>);
 #[derive(Clone)]
 pub struct AgentHandles {
     pub id: String,
+    /// The identity incidents are recorded under ([`crate::identity::of_agent`]).
+    pub identity: String,
     /// Where incidents declared through the socket are recorded (by the agent's user).
     pub state_dir: std::path::PathBuf,
     pub host: String,
@@ -347,6 +349,7 @@ impl AgentHandles {
     ) -> AgentHandles {
         AgentHandles {
             id: cfg.id.clone(),
+            identity: crate::identity::of_agent(cfg),
             state_dir: cfg.state_dir.clone(),
             host: cfg.host.clone(),
             sources,
@@ -601,8 +604,11 @@ impl Handler for AgentHandles {
                 "incident_declare" => {
                     // Recorded by the agent itself, so the files belong to its user and
                     // its outbox can update them; the outbox builds the bundle.
-                    let (dir, id, host) =
-                        (self.state_dir.clone(), self.id.clone(), self.host.clone());
+                    let (dir, id, host) = (
+                        self.state_dir.clone(),
+                        self.identity.clone(),
+                        self.host.clone(),
+                    );
                     tokio::task::spawn_blocking(move || {
                         crate::incident::cli::declare_from_json(&dir, &id, &host, &req)
                     })

@@ -6,9 +6,10 @@
 //! - the agent always verifies the relay's certificate against the CA *and* the name;
 //! - TLS 1.3 only unless an option explicitly allows TLS 1.2;
 //! - the ring provider is passed explicitly, never taken from process-global state;
-//! - an agent's identity comes from its verified certificate ([`peer_identity`]) and is
-//!   checked to be one safe path component ([`validate_identity`]) before it is used as a
-//!   directory name;
+//! - an agent's identity comes from its verified certificate ([`peer_identity`]): one
+//!   Common Name (or, without one, one DNS name), normalized by
+//!   [`crate::identity::normalize`] and so one safe path component
+//!   ([`validate_identity`]) before it is used as a directory name;
 //! - a failed reload keeps the previous configuration.
 
 use std::io;
@@ -68,6 +69,10 @@ pub enum TlsError {
     BadPeerCertificate(String),
     #[error("the peer certificate has neither a subject Common Name nor a DNS name")]
     NoIdentity,
+    #[error("the peer certificate names more than one identity: {0}")]
+    AmbiguousIdentity(String),
+    #[error("the peer certificate's name is refused as an identity: {0}")]
+    Identity(crate::identity::IdentityError),
     #[error("{identity:?} is not usable as a directory name: {reason}")]
     BadIdentity {
         identity: String,
@@ -287,36 +292,72 @@ pub fn peer_identity(conn: &rustls::ServerConnection) -> Result<String, TlsError
     identity_from_cert(cert)
 }
 
-/// The identity a certificate names: its subject Common Name, else its first DNS
-/// subject alternative name; always checked by [`validate_identity`].
+/// The identity a certificate names, normalized ([`crate::identity::normalize`]).
+///
+/// Which name counts: the subject Common Name when there is one, and then the DNS
+/// subject alternative names play no part (they are how the agent's host is reached,
+/// not who it is; a relay certificate lists several). A certificate with more than one
+/// Common Name is refused: `CN=agency-soc-relay,CN=A12345-web01` would be one agent to
+/// one reader and another agent to the next. Without a Common Name, the certificate must
+/// carry exactly one DNS name, which is the identity.
 pub fn identity_from_cert(der: &CertificateDer<'_>) -> Result<String, TlsError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| TlsError::BadPeerCertificate(e.to_string()))?;
-    let cn = match cert.subject().iter_common_name().next() {
-        Some(attr) => Some(
+    let cns = cert
+        .subject()
+        .iter_common_name()
+        .map(|attr| {
             attr.as_str()
-                .map_err(|e| TlsError::BadPeerCertificate(format!("Common Name: {e}")))?
-                .to_owned(),
-        ),
-        None => None,
-    };
-    let id = match cn {
-        Some(cn) => cn,
-        None => {
+                .map(str::to_owned)
+                .map_err(|e| TlsError::BadPeerCertificate(format!("Common Name: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let raw = match cns.as_slice() {
+        [cn] => cn.clone(),
+        [] => {
             let san = cert
                 .subject_alternative_name()
                 .map_err(|e| TlsError::BadPeerCertificate(e.to_string()))?;
-            san.and_then(|san| {
-                san.value.general_names.iter().find_map(|n| match n {
-                    x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
-                    _ => None,
+            let dns: Vec<String> = san
+                .map(|san| {
+                    san.value
+                        .general_names
+                        .iter()
+                        .filter_map(|n| match n {
+                            x509_parser::extensions::GeneralName::DNSName(d) => {
+                                Some((*d).to_owned())
+                            }
+                            _ => None,
+                        })
+                        .collect()
                 })
-            })
-            .ok_or(TlsError::NoIdentity)?
+                .unwrap_or_default();
+            match dns.as_slice() {
+                [] => return Err(TlsError::NoIdentity),
+                [one] => one.clone(),
+                many => {
+                    return Err(TlsError::AmbiguousIdentity(format!(
+                        "no Common Name and {} DNS names ({}): which one is the agent?",
+                        many.len(),
+                        many.join(", ")
+                    )));
+                }
+            }
+        }
+        many => {
+            return Err(TlsError::AmbiguousIdentity(format!(
+                "{} Common Names ({}): a certificate names one agent",
+                many.len(),
+                many.iter()
+                    .map(|c| format!("{c:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
         }
     };
-    validate_identity(&id)?;
-    Ok(id)
+    // The raw name first, so an unsafe one is reported as the certificate spells it.
+    validate_identity(&raw)?;
+    crate::identity::normalize(&raw).map_err(TlsError::Identity)
 }
 
 /// Checks that an identity is safe as ONE directory name in the relay store.

@@ -122,7 +122,7 @@ impl BundleInputs {
 
     /// The file and journald sources of an agent configuration.
     pub fn from_config(cfg: &AgentConfig) -> BundleInputs {
-        let mut inputs = BundleInputs::new(&cfg.id, &cfg.host);
+        let mut inputs = BundleInputs::new(&crate::identity::of_agent(cfg), &cfg.host);
         for s in &cfg.sources {
             match &s.kind {
                 SourceKind::File(f) => inputs.file_sources.push(FileSourceInput {

@@ -194,7 +194,7 @@ pub fn run_incident(
             req.affects_other_agencies = d.affects_other_agencies;
             req.affects_critical_infrastructure = d.affects_critical_infrastructure;
             req.drill = d.drill;
-            let inc = match store.declare(req, &cfg.id, &cfg.host) {
+            let inc = match store.declare(req, &crate::identity::of_agent(&cfg), &cfg.host) {
                 Ok(i) => i,
                 Err(e @ (IncidentError::Invalid(_) | IncidentError::InvalidLevel(_))) => {
                     return usage(e);
