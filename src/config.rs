@@ -189,6 +189,23 @@ pub struct FileSourceConfig {
     /// Descriptor budget: beyond it, files idle at their end are closed and reopened
     /// (checked by inode and fingerprint) when they grow.
     pub max_open_files: usize,
+    /// Whether a symlink the globs match is followed (see crate::sources::guard).
+    pub follow_symlinks: FollowSymlinks,
+    /// Files and directories never read as logs whatever the globs say: the agent's own
+    /// keys, certificates and state. Filled in by `parse_agent`.
+    pub protected: Vec<PathBuf>,
+}
+
+/// `follow_symlinks` of a file source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FollowSymlinks {
+    /// A symlink is never followed (opened with O_NOFOLLOW): the default.
+    #[default]
+    Never,
+    /// A symlink is followed only when its target also matches the source's include
+    /// patterns (and no exclude pattern).
+    WithinIncludes,
 }
 
 /// Default `max_open_files`: half of systemd's default soft `LimitNOFILE` (1024), so one
@@ -295,6 +312,7 @@ struct RawSource {
     rescan_interval: Option<Spanned<HumanDuration>>,
     rotate_wait: Option<HumanDuration>,
     max_open_files: Option<Spanned<i64>>,
+    follow_symlinks: Option<FollowSymlinks>,
     // syslog
     listen: Option<Vec<Spanned<String>>>,
     tls_cert: Option<PathBuf>,
@@ -319,6 +337,7 @@ const FILE_KEYS: &[&str] = &[
     "rescan_interval",
     "rotate_wait",
     "max_open_files",
+    "follow_symlinks",
 ];
 const SYSLOG_KEYS: &[&str] = &[
     "listen",
@@ -348,6 +367,7 @@ impl RawSource {
         push(self.rescan_interval.is_some(), "rescan_interval");
         push(self.rotate_wait.is_some(), "rotate_wait");
         push(self.max_open_files.is_some(), "max_open_files");
+        push(self.follow_symlinks.is_some(), "follow_symlinks");
         push(self.listen.is_some(), "listen");
         push(self.tls_cert.is_some(), "tls_cert");
         push(self.tls_key.is_some(), "tls_key");
@@ -503,7 +523,7 @@ pub fn parse_agent(text: &str) -> Result<AgentConfig, Vec<Problem>> {
     let has_upstream = raw.upstream.is_some();
     let upstream = raw.upstream.and_then(|u| upstream(u, &mut p));
     let metrics = metrics_settings(raw.metrics, &mut p);
-    let intel = raw
+    let mut intel = raw
         .intel
         .and_then(|i| intel_settings(i, has_upstream, &mut p));
     let mut incident = IncidentSettings::default();
@@ -533,13 +553,37 @@ pub fn parse_agent(text: &str) -> Result<AgentConfig, Vec<Problem>> {
     if !p.list.is_empty() {
         return Err(p.list);
     }
+    let state_dir = raw
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    // The agent never reads its own secrets or state as logs, whatever the globs say.
+    let mut protected = vec![state_dir.clone()];
+    if let Some(u) = &upstream {
+        protected.extend([u.key.clone(), u.cert.clone(), u.ca.clone()]);
+    }
+    for s in &sources {
+        if let SourceKind::Syslog(y) = &s.kind {
+            protected.extend(
+                [&y.tls_key, &y.tls_cert, &y.tls_ca]
+                    .into_iter()
+                    .flatten()
+                    .cloned(),
+            );
+        }
+    }
+    for s in &mut sources {
+        if let SourceKind::File(f) = &mut s.kind {
+            f.protected = protected.clone();
+        }
+    }
+    if let Some(i) = &mut intel {
+        i.files.protected = protected.clone();
+    }
     Ok(AgentConfig {
         incident,
         id,
         host,
-        state_dir: raw
-            .state_dir
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        state_dir,
         control_socket: raw
             .control_socket
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
@@ -616,6 +660,8 @@ fn file_source(
         rescan_interval,
         rotate_wait: s.rotate_wait.map_or(Duration::from_secs(5), |d| d.0),
         max_open_files,
+        follow_symlinks: s.follow_symlinks.unwrap_or_default(),
+        protected: Vec::new(),
     })
 }
 
@@ -720,6 +766,8 @@ fn intel_settings(
             rescan_interval: Duration::from_secs(1),
             rotate_wait: Duration::from_secs(5),
             max_open_files: DEFAULT_MAX_OPEN_FILES,
+            follow_symlinks: FollowSymlinks::Never,
+            protected: Vec::new(),
         },
         max_upload_size,
         staging_segment_size: crate::intel::STAGING_SEGMENT_SIZE,
