@@ -467,8 +467,14 @@ impl Agent {
             let figures = crate::metrics::Figures::Agent(ctl.clone()); // metrics
             tokio::spawn(crate::metrics::run(l, figures, shutdown.clone())) // metrics
         });
-        let control_task =
-            crate::control::spawn(cfg.control_socket.clone(), Arc::new(ctl), shutdown.clone());
+        let control_task = crate::control::spawn(
+            cfg.control_socket.clone(),
+            crate::control::Access {
+                operator_group: cfg.operator_group.clone(),
+            },
+            Arc::new(ctl),
+            shutdown.clone(),
+        );
         tracing::info!(
             "agent {:?} started: {} source(s), state in {}",
             cfg.id,

@@ -392,6 +392,9 @@ pub fn spawn_relay_control(
     });
     control::spawn(
         cfg.control_socket.clone(),
+        control::Access {
+            operator_group: cfg.operator_group.clone(),
+        },
         Arc::new(RelayControl(h.clone())),
         shutdown,
     );
@@ -589,7 +592,7 @@ impl RelayHandles {
 const COMMANDS: &[&str] = &["status", "incident_declare", "intel_run_now"];
 
 impl Handler for AgentHandles {
-    fn handle(&self, req: Value) -> HandlerFuture<'_> {
+    fn handle(&self, req: Value, caller: control::Caller) -> HandlerFuture<'_> {
         Box::pin(async move {
             match control::cmd_of(&req) {
                 "status" => {
@@ -609,8 +612,12 @@ impl Handler for AgentHandles {
                         self.identity.clone(),
                         self.host.clone(),
                     );
+                    let by = crate::incident::record::DeclaredBy {
+                        user: caller.user,
+                        uid: caller.uid,
+                    };
                     tokio::task::spawn_blocking(move || {
-                        crate::incident::cli::declare_from_json(&dir, &id, &host, &req)
+                        crate::incident::cli::declare_from_json(&dir, &id, &host, &req, by)
                     })
                     .await
                     .map_err(|e| format!("declare failed: {e}"))?
@@ -640,7 +647,7 @@ impl Handler for AgentHandles {
 pub struct RelayControl(pub Arc<RelayHandles>);
 
 impl Handler for RelayControl {
-    fn handle(&self, req: Value) -> HandlerFuture<'_> {
+    fn handle(&self, req: Value, _caller: control::Caller) -> HandlerFuture<'_> {
         Box::pin(async move {
             match control::cmd_of(&req) {
                 "status" => {
