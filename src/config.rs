@@ -901,8 +901,41 @@ fn spool_settings(raw: RawSpool, p: &mut Problems) -> SpoolSettings {
     s
 }
 
+/// A value that goes into a network request verbatim (the CONNECT line, the TLS name)
+/// must hold no control character: CR/LF would let it write headers of its own.
+fn control_char(key: &str, value: &str) -> Option<String> {
+    value.chars().find(|c| c.is_control()).map(|c| {
+        format!(
+            "{key} {value:?} contains the control character U+{:04X}: it would be sent verbatim (e.g. into the proxy's CONNECT request); remove it",
+            c as u32
+        )
+    })
+}
+
 fn upstream(u: Spanned<RawUpstream>, p: &mut Problems) -> Option<UpstreamConfig> {
     let u = u.into_inner();
+    let mut bad = false;
+    if let Some(why) = control_char("upstream.address", u.address.get_ref()) {
+        p.at(u.address.span(), why);
+        bad = true;
+    }
+    if let Some(px) = &u.proxy
+        && let Some(why) = control_char("upstream.proxy", px.get_ref())
+    {
+        p.at(px.span(), why);
+        bad = true;
+    }
+    if let Some(why) = u
+        .server_name
+        .as_deref()
+        .and_then(|n| control_char("upstream.server_name", n))
+    {
+        p.global(why);
+        bad = true;
+    }
+    if bad {
+        return None;
+    }
     let address = u.address.get_ref().clone();
     let Some(host) = host_of(&address) else {
         p.at(

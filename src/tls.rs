@@ -45,6 +45,12 @@ pub enum TlsError {
          or `BEGIN EC PRIVATE KEY` block)"
     )]
     NoKey { path: PathBuf },
+    #[error(
+        "{path}: the private key is readable by other users (mode {mode:04o}); refusing to \
+         use it: `chmod 0640 {path}` (owner root, group of the service) or 0600, and \
+         consider it compromised if others could read it"
+    )]
+    KeyExposed { path: PathBuf, mode: u32 },
     #[error("{path}: no certificate revocation list found (expected `BEGIN X509 CRL`)")]
     NoCrl { path: PathBuf },
     #[error("CA file {path}: certificate #{index} is not usable as a trust anchor: {reason}")]
@@ -117,9 +123,37 @@ pub(crate) fn certs_from_pem(
 }
 
 /// Reads the first private key in a PEM file: PKCS#8 (`PRIVATE KEY`), PKCS#1
-/// (`RSA PRIVATE KEY`) or SEC1 (`EC PRIVATE KEY`).
+/// (`RSA PRIVATE KEY`) or SEC1 (`EC PRIVATE KEY`). A key file that users other than
+/// its owner and group may read (or write) is refused ([`TlsError::KeyExposed`]): a
+/// key anyone on the host could copy no longer proves who the agent is.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    key_from_pem(&read_file(path)?, path)
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    // The mode of the very file read (no window between the check and the read).
+    let mut f = std::fs::File::open(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = f
+        .metadata()
+        .map_err(|source| TlsError::Read {
+            path: path.to_owned(),
+            source,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o007 != 0 {
+        return Err(TlsError::KeyExposed {
+            path: path.to_owned(),
+            mode: mode & 0o7777,
+        });
+    }
+    let mut data = Vec::new();
+    f.read_to_end(&mut data).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    key_from_pem(&data, path)
 }
 
 /// [`load_key`] on bytes already read; `path` only names the file in errors.

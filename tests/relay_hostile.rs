@@ -29,7 +29,7 @@ fn refused_certificates_store_nothing_and_say_why() {
             .issue(&IssueParams::new("intruder", &[], CertKind::Client))
             .unwrap();
         std::fs::write(d.join("c.pem"), &i.cert_pem).unwrap();
-        std::fs::write(d.join("k.pem"), &i.key_pem).unwrap();
+        common::write_key(&d.join("k.pem"), &i.key_pem);
         let cfg =
             soclink::tls::client_config(&pki.ca(), &d.join("c.pem"), &d.join("k.pem")).unwrap();
         let Err(e) = rt.block_on(tls_connect(&relay.address(), cfg)) else {

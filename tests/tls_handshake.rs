@@ -23,8 +23,11 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 const STEP: Duration = Duration::from_secs(10);
 
 fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
     let p = dir.join(name);
     std::fs::write(&p, content).unwrap();
+    // Keys must not be readable by others (soclink refuses them); certificates may be.
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
 }
 

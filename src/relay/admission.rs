@@ -82,6 +82,31 @@ impl Admission {
     }
 }
 
+/// Descriptors the relay needs besides its connections (store files, listeners,
+/// control socket, metrics).
+pub const SPARE_DESCRIPTORS: u64 = 256;
+
+/// Raise the soft descriptor limit to the hard one (systemd's soft default is 1024
+/// whatever LimitNOFILE allows) and say so when `max_connections` still does not fit:
+/// past the limit accept fails with EMFILE, and agents would wait instead of being
+/// answered busy. Returns the soft limit in force.
+pub fn fit_descriptors(max_connections: usize) -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    let soft = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let need = max_connections as u64 + OVERFLOW_SLOTS as u64 + SPARE_DESCRIPTORS;
+    if need > soft {
+        tracing::warn!(
+            "max_connections = {max_connections} needs about {need} descriptors but the process may open {soft}: raise LimitNOFILE (the unit sets 16384) or lower max_connections"
+        );
+    }
+    Some(soft)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

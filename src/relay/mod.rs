@@ -73,6 +73,7 @@ pub async fn run(
         )
         .context("cannot load the relay's TLS certificates")?,
     );
+    admission::fit_descriptors(cfg.max_connections);
     crate::util::create_dir_all_durable(&cfg.state_dir)
         .with_context(|| format!("cannot create state_dir {}", cfg.state_dir.display()))?;
     let _lock = crate::agent::lock_state_dir(&cfg.state_dir)?;
