@@ -38,10 +38,11 @@ use flate2::write::GzEncoder;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::record::{Incident, format_time, rfc3339};
-use super::{MANIFEST_NAME, MAX_MANIFEST_BYTES, MAX_MEMBERS, MAX_NAME_BYTES, hex, hostfacts};
+use super::hostfacts;
+use crate::agent::sources::guard::{Opened, ReadGuard, Refused};
 use crate::config::{AgentConfig, SourceKind};
-use crate::sources::guard::{Opened, ReadGuard, Refused};
+use crate::incident::record::{Incident, format_time, rfc3339};
+use crate::incident::{MANIFEST_NAME, MAX_MANIFEST_BYTES, MAX_MEMBERS, MAX_NAME_BYTES, hex};
 
 /// Smallest cap accepted: room for the manifest and a few small members.
 const MIN_CAP: u64 = 1 << 20;
@@ -1012,7 +1013,7 @@ fn fill(
         .collect();
     for (gi, src) in inputs.file_sources.iter().enumerate() {
         let mut paths = Vec::new();
-        for p in crate::sources::file::expand(&src.include, &src.exclude) {
+        for p in crate::agent::sources::file::expand(&src.include, &src.exclude) {
             let siblings = listings.rotated_siblings(&p);
             paths.push((p, true));
             paths.extend(

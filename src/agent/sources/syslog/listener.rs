@@ -36,8 +36,8 @@ use tokio_util::task::TaskTracker;
 use super::framing::Framer;
 use super::parse::parse;
 use super::{ListenAddr, Proto, SyslogStats, encode_syslog_event};
-use crate::sources::SealedBatch;
-use crate::sources::file::BatchLimits;
+use crate::agent::sources::SealedBatch;
+use crate::agent::sources::file::BatchLimits;
 use crate::util::{day_of, now_rfc3339};
 
 /// Bytes asked of the kernel per TCP/TLS read (one TLS record). It also bounds a chunk:
