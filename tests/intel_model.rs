@@ -153,6 +153,7 @@ fn open(w: &World) -> Agent {
     .expect("priority spool recovery never fails");
     let handles = AgentHandles {
         id: "agent-1".into(),
+        identity: "agent-1".into(),
         state_dir: w.state.clone(),
         host: "host-1".into(),
         sources: Vec::new(),
