@@ -125,7 +125,14 @@ fn refused_certificates_store_nothing_and_say_why() {
 fn hostile_peers_do_not_hurt_the_relay_or_other_agents() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
-    let mut relay = RelayProc::new(dir.path(), &pki, "relay", "");
+    let mut relay = RelayProc::new(
+        dir.path(),
+        &pki,
+        "relay",
+        // Every hostile peer here shares 127.0.0.1 with the honest agent; the bound on
+        // one address's unauthenticated sockets has its own test (security_host.rs).
+        "max_unauthenticated_per_address = 1024",
+    );
     relay.start();
     let mut witness = Witness::start(dir.path(), &pki, &relay);
     witness.write(1000);
