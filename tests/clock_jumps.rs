@@ -7,8 +7,8 @@
 //! The processes' realtime clock is moved with libfaketime (Debian package `faketime`)
 //! through its timestamp file, re-read on every call, while their monotonic clock stays
 //! real: exactly what a step of the system clock (an operator, an NTP step, a bad RTC)
-//! does to a running process. The tests skip, saying why, only when libfaketime cannot
-//! be loaded.
+//! does to a running process. When libfaketime cannot be loaded the tests fail in CI
+//! (`CI` set) and are skipped, saying why, elsewhere.
 
 mod common;
 
@@ -41,8 +41,9 @@ struct FakeClock {
 }
 
 impl FakeClock {
-    /// None (after printing why) when libfaketime is not installed or does not work.
-    fn new(dir: &Path) -> Option<FakeClock> {
+    /// None (after printing why) when libfaketime is not installed or does not work;
+    /// in CI that fails the test instead.
+    fn new(test: &str, dir: &Path) -> Option<FakeClock> {
         let lib = match std::env::var_os("SOCLINK_LIBFAKETIME") {
             Some(p) => PathBuf::from(p),
             None => {
@@ -58,8 +59,9 @@ impl FakeClock {
                 match found {
                     Some(p) => p,
                     None => {
-                        eprintln!(
-                            "SKIPPED: libfaketime.so.1 not found (apt-get install faketime, or set SOCLINK_LIBFAKETIME)"
+                        skip_unless_ci(
+                            test,
+                            "libfaketime.so.1 not found (apt-get install faketime, or set SOCLINK_LIBFAKETIME)",
                         );
                         return None;
                     }
@@ -84,9 +86,12 @@ impl FakeClock {
             })
             .map(|t| t - real_now());
         if !shifted.is_some_and(|d| (10 * DAY - 5..=10 * DAY + 5).contains(&d)) {
-            eprintln!(
-                "SKIPPED: libfaketime at {} does not move the clock of `date` (got {out:?})",
-                clock.lib.display()
+            skip_unless_ci(
+                test,
+                &format!(
+                    "libfaketime at {} does not move the clock of `date` (got {out:?})",
+                    clock.lib.display()
+                ),
             );
             return None;
         }
@@ -282,7 +287,8 @@ fn alerts(path: &Path, tag: &str, n: usize) -> Vec<String> {
 fn agent_clock_jumps_back_an_hour_then_forward_a_day() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let Some(clock) = FakeClock::new(dir) else {
+    let Some(clock) = FakeClock::new("agent_clock_jumps_back_an_hour_then_forward_a_day", dir)
+    else {
         return;
     };
     let pki = Pki::new(dir);
@@ -496,7 +502,8 @@ fn secs(rfc3339: &str) -> i64 {
 fn relay_clock_jumps_back_an_hour_then_forward_a_day() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let Some(clock) = FakeClock::new(dir) else {
+    let Some(clock) = FakeClock::new("relay_clock_jumps_back_an_hour_then_forward_a_day", dir)
+    else {
         return;
     };
     let pki = Pki::new(dir);
