@@ -144,6 +144,9 @@ pub struct SyslogSourceConfig {
     pub max_message_bytes: u64,
     pub max_connections: usize,
     pub idle_timeout: Duration,
+    /// The zone of device timestamps that carry none (`timezone`, an IANA name);
+    /// None: the host's zone, looked up when the source starts.
+    pub timezone: Option<jiff::tz::TimeZone>,
 }
 
 #[derive(Debug, Clone)]
@@ -294,6 +297,7 @@ struct RawSource {
     max_message_bytes: Option<Spanned<Size>>,
     max_connections: Option<Spanned<i64>>,
     idle_timeout: Option<HumanDuration>,
+    timezone: Option<Spanned<String>>,
     // journald
     directory: Option<PathBuf>,
     units: Option<Vec<String>>,
@@ -319,6 +323,7 @@ const SYSLOG_KEYS: &[&str] = &[
     "max_message_bytes",
     "max_connections",
     "idle_timeout",
+    "timezone",
 ];
 const JOURNALD_KEYS: &[&str] = &["directory", "units", "max_priority", "start_at"];
 
@@ -346,6 +351,7 @@ impl RawSource {
         push(self.max_message_bytes.is_some(), "max_message_bytes");
         push(self.max_connections.is_some(), "max_connections");
         push(self.idle_timeout.is_some(), "idle_timeout");
+        push(self.timezone.is_some(), "timezone");
         push(self.directory.is_some(), "directory");
         push(self.units.is_some(), "units");
         push(self.max_priority.is_some(), "max_priority");
@@ -772,6 +778,23 @@ fn syslog_source(
         },
         None => 1024,
     };
+    let timezone = match &s.timezone {
+        None => None,
+        Some(name) => match jiff::tz::TimeZone::get(name.get_ref()) {
+            Ok(tz) => Some(tz),
+            Err(_) => {
+                p.at(
+                    name.span(),
+                    format!(
+                        "unknown time zone {:?}: use an IANA time zone name such as \"Asia/Taipei\" or \"UTC\" (the zone the devices' clocks are set to)",
+                        name.get_ref()
+                    ),
+                );
+                ok = false;
+                None
+            }
+        },
+    };
     ok.then(|| SyslogSourceConfig {
         listen: listen.iter().map(|l| l.get_ref().clone()).collect(),
         tls_cert: s.tls_cert.clone(),
@@ -780,6 +803,7 @@ fn syslog_source(
         max_message_bytes,
         max_connections,
         idle_timeout: s.idle_timeout.map_or(Duration::from_secs(600), |d| d.0),
+        timezone,
     })
 }
 
@@ -961,12 +985,16 @@ impl AgentConfig {
                     ));
                 }
                 SourceKind::Syslog(c) => out.push_str(&format!(
-                    "{} {:?} receives syslog on {} (messages up to {}, at most {} connections)",
+                    "{} {:?} receives syslog on {} (messages up to {}, at most {} connections, device times without a zone read as {})",
                     if i == 0 { "" } else { ";" },
                     s.name,
                     c.listen.join(", "),
                     Size(c.max_message_bytes),
-                    c.max_connections
+                    c.max_connections,
+                    match &c.timezone {
+                        Some(tz) => tz.iana_name().unwrap_or("the configured zone").to_string(),
+                        None => "the host's time zone".to_string(),
+                    }
                 )),
                 SourceKind::Journald(c) => out.push_str(&format!(
                     "{} {:?} reads the systemd journal{}{}{}",
