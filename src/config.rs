@@ -1305,6 +1305,45 @@ compression_level = 1
     }
 
     #[test]
+    fn syslog_timezone_is_an_iana_name_located_on_error() {
+        let src =
+            "[[source]]\nname = \"devices\"\ntype = \"syslog\"\nlisten = [\"udp://0.0.0.0:514\"]\n";
+        let zone = |c: AgentConfig| match &c.sources[0].kind {
+            SourceKind::Syslog(s) => s.timezone.clone(),
+            _ => panic!("expected a syslog source"),
+        };
+        assert!(
+            zone(parse_agent(src).unwrap()).is_none(),
+            "default: the host's zone"
+        );
+        let c = parse_agent(&format!("{src}timezone = \"Asia/Taipei\"\n")).unwrap();
+        assert!(
+            c.summary()
+                .contains("device times without a zone read as Asia/Taipei"),
+            "{}",
+            c.summary()
+        );
+        assert_eq!(
+            zone(c)
+                .and_then(|z| z.iana_name().map(str::to_string))
+                .as_deref(),
+            Some("Asia/Taipei")
+        );
+        let e = parse_agent(&format!("{src}timezone = \"Asia/Taipie\"\n")).unwrap_err();
+        assert_eq!((e[0].line, e[0].col), (5, 12), "{e:?}");
+        assert!(
+            e[0].message.contains("unknown time zone \"Asia/Taipie\""),
+            "{e:?}"
+        );
+        assert!(e[0].message.contains("\"Asia/Taipei\""), "{e:?}");
+        // Only syslog sources read device times.
+        let file =
+            "[[source]]\nname = \"f\"\ntype = \"file\"\ninclude = [\"/a\"]\ntimezone = \"UTC\"\n";
+        let e = parse_agent(file).unwrap_err();
+        assert!(e[0].message.contains("timezone"), "{e:?}");
+    }
+
+    #[test]
     fn unknown_key_is_located() {
         let text = "state_dir = \"/x\"\nbogus = 1\n";
         let e = parse_agent(text).unwrap_err();
