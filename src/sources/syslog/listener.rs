@@ -33,7 +33,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -144,7 +144,7 @@ struct Chunk {
     raw: Vec<u8>,
     /// The receive time (RFC 3339, UTC, ns): the batcher files the chunk by its day.
     received: String,
-    received_at: SystemTime,
+    received_at: jiff::Timestamp,
     /// Scratch for each event's `ts`.
     ts: String,
     events: u32,
@@ -160,7 +160,9 @@ impl Chunk {
         Chunk {
             raw: Vec::new(),
             received: humantime::format_rfc3339_nanos(at).to_string(),
-            received_at: at,
+            // A wall clock before 1970 or past 9999 (a broken RTC): no device time is
+            // placed relative to it, every `ts` is then the receive time.
+            received_at: jiff::Timestamp::try_from(at).unwrap_or(jiff::Timestamp::MIN),
             ts: String::new(),
             events: 0,
             bytes: 0,
@@ -175,7 +177,8 @@ impl Chunk {
         let device = parsed
             .stamp
             .filter(|_| parsed.parse_error.is_none())
-            .and_then(|st| clock.to_utc(&st, self.received_at));
+            .filter(|_| self.received_at != jiff::Timestamp::MIN)
+            .and_then(|st| clock.utc_at(&st, self.received_at));
         self.ts.clear();
         match device {
             Some(t) => format_utc(t, &mut self.ts),
@@ -608,7 +611,7 @@ mod tests {
         Chunk {
             raw: vec![b'x'; len],
             received: format!("{day}T12:00:00.000000000Z"),
-            received_at: SystemTime::UNIX_EPOCH,
+            received_at: jiff::Timestamp::UNIX_EPOCH,
             ts: String::new(),
             events: 1,
             bytes: 0,

@@ -193,10 +193,10 @@ pub fn encode_syslog_event_at(
     truncated: bool,
 ) {
     out.extend_from_slice(b"{\"ts\":");
-    push_json_str(out, ts);
+    push_time(out, ts);
     if let Some(r) = received {
         out.extend_from_slice(b",\"received\":");
-        push_json_str(out, r);
+        push_time(out, r);
     }
     out.extend_from_slice(b",\"host\":");
     push_json_str(out, host);
@@ -239,6 +239,20 @@ pub fn encode_syslog_event_at(
         out.extend_from_slice(b",\"truncated\":true");
     }
     out.extend_from_slice(b"}\n");
+}
+
+/// A time as a JSON string: RFC 3339 times need no escaping (checked, since callers
+/// may pass anything: the escaping path is taken when it is needed).
+fn push_time(out: &mut Vec<u8>, t: &str) {
+    if t.bytes()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b':' | b'.' | b'+'))
+    {
+        out.push(b'"');
+        out.extend_from_slice(t.as_bytes());
+        out.push(b'"');
+    } else {
+        push_json_str(out, t);
+    }
 }
 
 #[cfg(test)]
