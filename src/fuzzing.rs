@@ -154,7 +154,7 @@ fn within(outer: &[u8], inner: &[u8]) -> bool {
 /// fields hold no control characters, a failed parse keeps the whole input, and the
 /// encoded event is one JSON line whose message decodes back to the same bytes.
 fn check_syslog(msg: &[u8]) {
-    use crate::sources::syslog::{Format, encode_syslog_event, parse};
+    use crate::agent::sources::syslog::{Format, encode_syslog_event, parse};
     let p = parse(msg);
     assert!(within(msg, p.message), "message is not part of the input");
     if p.parse_error.is_some() {
@@ -174,9 +174,10 @@ fn check_syslog(msg: &[u8]) {
         // a mapped one formats to the fixed-width `ts`.
         let received = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_764_115_200);
         let zone = jiff::tz::TimeZone::get("Europe/Paris").unwrap_or(jiff::tz::TimeZone::UTC);
-        if let Some(t) = crate::sources::syslog::DeviceClock::new(zone).to_utc(&st, received) {
+        if let Some(t) = crate::agent::sources::syslog::DeviceClock::new(zone).to_utc(&st, received)
+        {
             let mut ts = String::new();
-            crate::sources::syslog::format_utc(t, &mut ts);
+            crate::agent::sources::syslog::format_utc(t, &mut ts);
             assert_eq!(ts.len(), 30, "{ts}");
         }
     }
@@ -290,8 +291,11 @@ type Msgs = Vec<(Vec<u8>, bool)>;
 
 /// Feeds `pieces` to a fresh framer; returns the messages, the first error, and checks
 /// the memory bound after every push.
-fn run_framer(max: usize, pieces: &[&[u8]]) -> (Msgs, Option<crate::sources::syslog::FrameError>) {
-    let mut f = crate::sources::syslog::Framer::new(max);
+fn run_framer(
+    max: usize,
+    pieces: &[&[u8]],
+) -> (Msgs, Option<crate::agent::sources::syslog::FrameError>) {
+    let mut f = crate::agent::sources::syslog::Framer::new(max);
     let mut out: Msgs = Vec::new();
     for p in pieces {
         let r = f.push(p, |m, cut| out.push((m.to_vec(), cut)));
@@ -623,8 +627,9 @@ fn fix_segment_crcs(seg: &mut [u8]) {
 /// (an appended, committed record survives a crash), and find the same records again on
 /// the next open.
 pub fn spool_recovery(data: &[u8]) {
+    use crate::fs::sim::SimFs;
     use crate::spool::format::{LEDGER_LEN, SEGMENT_MAGIC};
-    use crate::spool::{Spool, SpoolError, SpoolOptions, simfs::SimFs};
+    use crate::spool::{Spool, SpoolError, SpoolOptions};
     let Some((&flags, mut rest)) = data.split_first() else {
         return;
     };
@@ -743,7 +748,7 @@ fn seeds_spool_recovery() -> Vec<Vec<u8>> {
 /// is reached); even: the rest is the file. A decoded file must re-encode to an equal
 /// one; applying any JSON cursor must not panic.
 pub fn checkpoints(data: &[u8]) {
-    use crate::sources::checkpoint::Checkpoints;
+    use crate::agent::sources::checkpoint::Checkpoints;
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
@@ -770,7 +775,7 @@ pub fn checkpoints(data: &[u8]) {
 }
 
 fn seeds_checkpoints() -> Vec<Vec<u8>> {
-    use crate::sources::checkpoint::{Checkpoints, FilePos};
+    use crate::agent::sources::checkpoint::{Checkpoints, FilePos};
     let mut c = Checkpoints {
         spool_seq: 42,
         ..Default::default()
@@ -830,7 +835,7 @@ fn seeds_bundle_verify() -> Vec<Vec<u8>> {
     let member = b"Nov 26 01:02:03 host sshd[1]: Failed password\n";
     let sha = crate::incident::hex(&sha2::Sha256::digest(member));
     let manifest = serde_json::json!({
-        "format": crate::incident::bundle::FORMAT,
+        "format": crate::agent::incident::bundle::FORMAT,
         "created_at": "2026-11-26T01:00:00Z",
         "window_from": "2026-11-26T00:00:00Z",
         "window_to": "2026-11-26T01:00:00Z",
@@ -870,7 +875,7 @@ fn seeds_bundle_verify() -> Vec<Vec<u8>> {
 /// One control-socket request line: accepted requests are objects with a string `cmd`,
 /// and survive a JSON round trip.
 pub fn control_request(data: &[u8]) {
-    use crate::control::{cmd_of, parse_request, unknown_command};
+    use crate::ops::control::{cmd_of, parse_request, unknown_command};
     if let Ok(req) = parse_request(data) {
         let cmd = cmd_of(&req);
         assert_eq!(req.get("cmd").and_then(|c| c.as_str()), Some(cmd));
@@ -1031,7 +1036,7 @@ const STATE_AGENT: &str = "agent-1";
 /// A relay store's per-agent dedupe state file. Byte 0 odd: a correct header is made
 /// for the rest; even: the rest is the file. A parsed state re-encodes to an equal one.
 pub fn relay_store_state(data: &[u8]) {
-    use crate::relay::store::{encode_state, parse_state};
+    use crate::relay::sink::file::{encode_state, parse_state};
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };

@@ -59,9 +59,9 @@ enum Cmd {
     },
     /// Declare, list, show and close security incidents (the guideline's 1-hour report;
     /// levels 3 and 4 also build and ship an evidence bundle).
-    Incident(soclink::incident::cli::IncidentArgs),
+    Incident(soclink::cli::incident::IncidentArgs),
     /// Evidence bundles: `soclink bundle verify FILE`.
-    Bundle(soclink::incident::cli::BundleArgs),
+    Bundle(soclink::cli::incident::BundleArgs),
     /// Certificates for trying soclink out.
     Certs {
         #[command(subcommand)]
@@ -285,7 +285,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
                 spawn_signal_handler(shutdown.clone());
-                soclink::reload::run_agent(&config, cfg, shutdown).await
+                soclink::agent::reload::run_agent(&config, cfg, shutdown).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -338,14 +338,14 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::Demo { dir, lines } => {
             let rt = runtime()?;
-            rt.block_on(soclink::demo::run(dir, lines))?;
+            rt.block_on(soclink::cli::demo::run(dir, lines))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status {
             socket,
             config,
             json,
-        } => Ok(soclink::status::cli(socket, config, json)),
+        } => Ok(soclink::ops::status::cli(socket, config, json)),
         Cmd::CheckConfig { config, kind } => check_config(&config, kind),
         Cmd::Intel {
             cmd:
@@ -373,9 +373,9 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 upstream_down_since: down_since,
                 center_contact: settings.center_contact.clone(),
             };
-            soclink::incident::cli::run_incident(&args, &settings, &link)
+            soclink::cli::incident::run_incident(&args, &settings, &link)
         }
-        Cmd::Bundle(args) => soclink::incident::cli::run_bundle(&args),
+        Cmd::Bundle(args) => soclink::cli::incident::run_bundle(&args),
         Cmd::BenchCompress {
             file,
             level,
@@ -397,8 +397,9 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             let rt = runtime()?;
             rt.block_on(async {
                 for n in counts {
-                    let row = soclink::fanin::run_one(&work, n, total_mb * 1_000_000, batch_lines)
-                        .await?;
+                    let row =
+                        soclink::cli::bench::run_one(&work, n, total_mb * 1_000_000, batch_lines)
+                            .await?;
                     println!("{}", serde_json::to_string(&row)?);
                 }
                 Ok::<_, anyhow::Error>(())
@@ -520,12 +521,12 @@ fn bench_compress(file: &std::path::Path, level: u32, batch_bytes: usize) -> Res
 /// is down (None: up, unknown, or no upstream).
 fn agent_link(socket: &std::path::Path) -> (bool, Option<std::time::SystemTime>) {
     let req = serde_json::json!({"cmd": "status"});
-    match soclink::control::request_blocking(socket, &req) {
+    match soclink::ops::control::request_blocking(socket, &req) {
         Ok(v) => {
-            let down = serde_json::from_value::<soclink::status::Status>(v)
+            let down = serde_json::from_value::<soclink::ops::status::Status>(v)
                 .ok()
                 .and_then(|s| match s {
-                    soclink::status::Status::Agent(a) => a.upstream.and_then(|u| u.down_since),
+                    soclink::ops::status::Status::Agent(a) => a.upstream.and_then(|u| u.down_since),
                     _ => None,
                 });
             (true, down)
@@ -567,12 +568,12 @@ fn spawn_relay_reload(
         loop {
             tokio::select! {
                 _ = hup.recv() => {
-                    soclink::service::reloading(); // service: RELOADING=1 .. READY=1
+                    soclink::ops::service::reloading(); // service: RELOADING=1 .. READY=1
                     match tls.reload() {
                         Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
                         Err(e) => tracing::error!("SIGHUP: keeping the old certificates: {e}"),
                     }
-                    soclink::service::ready();
+                    soclink::ops::service::ready();
                 }
                 _ = shutdown.cancelled() => return,
             }

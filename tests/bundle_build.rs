@@ -13,10 +13,10 @@ use std::time::{Duration, SystemTime};
 use bundle_common::*;
 use flate2::Compression;
 use flate2::write::GzEncoder;
-use soclink::incident::bundle::{MemberKind, sanitize_path};
-use soclink::incident::{
-    BundleInputs, FileSourceInput, JournalSourceInput, build_bundle, needs_bundle, verify_bundle,
+use soclink::agent::incident::bundle::{
+    BundleInputs, FileSourceInput, JournalSourceInput, MemberKind, build_bundle, sanitize_path,
 };
+use soclink::incident::{needs_bundle, verify_bundle};
 
 fn gz(bytes: &[u8]) -> Vec<u8> {
     use std::io::Write;

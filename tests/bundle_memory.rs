@@ -9,7 +9,8 @@ use std::io::{BufWriter, Write};
 use std::time::{Instant, SystemTime};
 
 use bundle_common::*;
-use soclink::incident::{BundleInputs, FileSourceInput, build_bundle, verify_bundle};
+use soclink::agent::incident::bundle::{BundleInputs, FileSourceInput, build_bundle};
+use soclink::incident::verify_bundle;
 
 fn vm_hwm_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

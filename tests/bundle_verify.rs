@@ -8,11 +8,10 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 use bundle_common::*;
-use soclink::incident::cli::{BundleArgs, BundleCmd, run_bundle};
+use soclink::agent::incident::bundle::{BundleInputs, FileSourceInput, build_bundle};
+use soclink::cli::incident::{BundleArgs, BundleCmd, run_bundle};
 use soclink::incident::verify::verify_bundle_with;
-use soclink::incident::{
-    BundleInputs, FileSourceInput, VerifyError, VerifyLimits, build_bundle, verify_bundle,
-};
+use soclink::incident::{VerifyError, VerifyLimits, verify_bundle};
 
 type Members = Vec<(Vec<u8>, u8, Vec<u8>)>;
 

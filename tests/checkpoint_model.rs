@@ -16,10 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use proptest::prelude::*;
+use soclink::agent::sources::checkpoint::{Checkpoints, FilePos};
 use soclink::batch::BatchMeta;
-use soclink::sources::checkpoint::{Checkpoints, FilePos};
-use soclink::spool::fs::Fs;
-use soclink::spool::simfs::SimFs;
+use soclink::fs::Fs;
+use soclink::fs::sim::SimFs;
 use soclink::spool::{Spool, SpoolError, SpoolOptions};
 
 #[derive(Debug, Clone)]

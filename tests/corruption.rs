@@ -18,9 +18,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rand::{RngExt, SeedableRng};
-use soclink::relay::store::{Store, StoreFs, StoreOptions};
-use soclink::sources::checkpoint::{Checkpoints, FilePos};
-use soclink::spool::simfs::SimFs;
+use soclink::agent::sources::checkpoint::{Checkpoints, FilePos};
+use soclink::fs::sim::SimFs;
+use soclink::relay::sink::file::{Store, StoreFs, StoreOptions};
 use soclink::spool::{Fs, Spool, SpoolOptions};
 
 /// Random mutations per format group (spool, checkpoints, dedupe state): 3 x 3400 =

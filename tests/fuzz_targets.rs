@@ -467,7 +467,8 @@ fn rfc5424_header_field_with_c1_control_char() {
     let path = fuzz_dir().join("regressions/syslog_rfc5424/header_field_with_c1_control_char");
     let data = std::fs::read(&path).unwrap();
     run_one(t, &data, "regression").unwrap_or_else(|e| panic!("{e}"));
-    let p = soclink::sources::syslog::parse(b"<13>1 2026-11-26T00:00:00Z h\xc2\x9e a - - - m");
+    let p =
+        soclink::agent::sources::syslog::parse(b"<13>1 2026-11-26T00:00:00Z h\xc2\x9e a - - - m");
     assert_eq!(p.hostname, None, "{p:?}");
     assert!(p.parse_error.is_some());
 }

@@ -21,13 +21,12 @@ use std::time::SystemTime;
 
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
+use soclink::agent::incident::bundle::{BundleInputs, BundleSummary};
+use soclink::agent::incident::outbox::Outbox;
 use soclink::batch::{BatchMeta, Item};
-use soclink::incident::outbox::Outbox;
-use soclink::incident::{
-    BundleInputs, BundleSummary, DeclareRequest, EventKind, IncidentSettings, IncidentStore,
-};
-use soclink::spool::fs::{Fs, write_atomic};
-use soclink::spool::simfs::SimFs;
+use soclink::fs::sim::SimFs;
+use soclink::fs::{Fs, write_atomic};
+use soclink::incident::{DeclareRequest, EventKind, IncidentSettings, IncidentStore};
 use soclink::spool::{Spool, SpoolOptions};
 
 #[derive(Debug, Clone, Copy)]
@@ -472,7 +471,7 @@ fn power_out_at_each_fsync_of_a_declaration_with_bundle() {
 /// mark the incident delivered on another batch's acknowledgement.
 #[test]
 fn a_damaged_outbox_state_is_set_aside_and_the_incident_sent_again() {
-    use soclink::incident::outbox::quarantine_damaged;
+    use soclink::agent::incident::outbox::quarantine_damaged;
     let w = World::new();
     let a = open(&w);
     let mut model = Vec::new();

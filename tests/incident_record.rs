@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use bundle_common::*;
 use clap::Parser;
-use soclink::incident::cli::{IncidentArgs, run_incident};
+use soclink::cli::incident::{IncidentArgs, run_incident};
 use soclink::incident::record::{is_valid_id, parse_time, read_details};
 use soclink::incident::{
     DeclareRequest, EventKind, IncidentError, IncidentSettings, IncidentStore, LinkStatus,

@@ -22,14 +22,14 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
+use soclink::agent::intel::Collector;
+use soclink::agent::sources::SealedBatch;
 use soclink::batch::{BatchMeta, Item};
-use soclink::intel::collector::Collector;
+use soclink::fs::Fs;
+use soclink::fs::sim::SimFs;
 use soclink::intel::{IntelSettings, item, item_name, period_start};
-use soclink::sources::SealedBatch;
-use soclink::spool::fs::Fs;
-use soclink::spool::simfs::SimFs;
+use soclink::ops::status::AgentHandles;
 use soclink::spool::{Spool, SpoolOptions};
-use soclink::status::AgentHandles;
 
 /// Period length (seconds) and the clock's start (a multiple of it, plus a little).
 const EVERY: u64 = 10;

@@ -57,11 +57,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use soclink::batch::Item;
+use soclink::fs::sim::SimFs;
 use soclink::protocol::BatchHeader;
+use soclink::relay::sink::file::{Store, StoreFs, StoreOptions};
 use soclink::relay::sink::{GroupWriter, WriteReq, WriteResult};
-use soclink::relay::store::{Store, StoreFs, StoreOptions};
 use soclink::ship::{Window, resume_ack};
-use soclink::spool::simfs::SimFs;
 use soclink::spool::{Spool, SpoolOptions};
 use tokio::sync::oneshot;
 

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use journald_common::*;
-use soclink::sources::journald::MAX_MESSAGE;
+use soclink::agent::sources::journald::MAX_MESSAGE;
 
 const T: Duration = Duration::from_secs(8);
 
@@ -294,7 +294,7 @@ fn a_missing_directory_is_waited_for() {
 
 #[test]
 fn one_event_stays_bounded_whatever_the_entry_holds() {
-    use soclink::sources::journald::{MAX_FIELD, MAX_FIELDS_TOTAL};
+    use soclink::agent::sources::journald::{MAX_FIELD, MAX_FIELDS_TOTAL};
     let dir = tempfile::tempdir().unwrap();
     let jdir = dir.path().join("journal");
     std::fs::create_dir(&jdir).unwrap();

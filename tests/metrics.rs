@@ -278,7 +278,7 @@ fn silent_clients_cannot_block_scrapes_for_long() {
     agent.start();
     wait_scrape(port, "the endpoint", || agent.log(), |_| true);
     // Fill every slot with connections that never send a byte; the read timeout frees them.
-    let idle: Vec<TcpStream> = (0..soclink::metrics::MAX_CONCURRENT)
+    let idle: Vec<TcpStream> = (0..soclink::ops::metrics::MAX_CONCURRENT)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
         .collect();
     std::thread::sleep(Duration::from_millis(200));

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use soclink::spool::simfs::SimFs;
+use soclink::fs::sim::SimFs;
 use soclink::spool::{Record, Spool, SpoolError, SpoolOptions};
 
 #[derive(Debug, Clone)]

@@ -15,7 +15,7 @@ use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 
 use common::{AgentProc, Pki, RelayProc, bin, file_source, line, upstream_toml};
-use soclink::control::{self, ControlError, Handler, HandlerFuture};
+use soclink::ops::control::{self, ControlError, Handler, HandlerFuture};
 
 /// Run `soclink status` with `args`; (exit code, stdout, stderr).
 fn status(args: &[&str]) -> (i32, String, String) {

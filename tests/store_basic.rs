@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use flate2::Compression;
 use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
-use soclink::relay::store::{
+use soclink::relay::sink::file::{
     AppendOutcome, NameField, RealFs, Store, StoreError, StoreFs, StoreOptions,
 };
 
@@ -397,7 +397,7 @@ fn streams_per_agent_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let (mut store, _) = Store::open(opts(dir.path())).unwrap();
     let m = gz(b"{}\n");
-    let max = soclink::relay::store::MAX_STREAMS;
+    let max = soclink::relay::sink::file::MAX_STREAMS;
     for i in 0..max {
         store
             .append("a", &format!("s{i}"), 1, "x", "2026-11-26", &m)

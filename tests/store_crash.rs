@@ -8,7 +8,7 @@ use std::time::Duration;
 use flate2::Compression;
 use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
-use soclink::relay::store::{
+use soclink::relay::sink::file::{
     AppendOutcome, Store, StoreError, StoreOptions, StoreRecovery, TruncatedFile,
 };
 

@@ -14,7 +14,7 @@ use flate2::Compression;
 use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
 use proptest::prelude::*;
-use soclink::relay::store::{AppendOutcome, Store, StoreFs, StoreOptions};
+use soclink::relay::sink::file::{AppendOutcome, Store, StoreFs, StoreOptions};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Node {

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use soclink::sources::file::BatchLimits;
-use soclink::sources::syslog::{SyslogLimits, tls_server_config};
+use soclink::agent::sources::file::BatchLimits;
+use soclink::agent::sources::syslog::{SyslogLimits, tls_server_config};
 use syslog_common::{Opts, by_id, start};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -3,7 +3,7 @@
 //! and fuzzing of the parser and the stream framer with arbitrary bytes.
 
 use base64::Engine;
-use soclink::sources::syslog::{Framer, Parsed, encode_syslog_event, parse};
+use soclink::agent::sources::syslog::{Framer, Parsed, encode_syslog_event, parse};
 
 fn b64(s: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()

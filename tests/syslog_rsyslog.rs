@@ -96,7 +96,7 @@ async fn rsyslog_forwards_over_tcp_and_tls() {
     let certs =
         soclink::certs::write_dev_certs(&dir.path().join("certs"), "rsyslog-sender").unwrap();
     // `tls_ca` set: rsyslog must present its client certificate.
-    let server = soclink::sources::syslog::tls_server_config(
+    let server = soclink::agent::sources::syslog::tls_server_config(
         &certs.relay,
         &certs.relay_key,
         Some(&certs.ca),

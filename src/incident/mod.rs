@@ -29,19 +29,11 @@ pub const BUILDING_MARKER: &str = "bundle.building";
 /// Present when the declaration asked for no evidence bundle (`--no-bundle`).
 pub const NO_BUNDLE_MARKER: &str = "no-bundle";
 
-pub mod bundle;
-pub mod cli;
-pub mod hostfacts;
-pub mod outbox;
 pub mod record;
 pub mod verify;
 
 use std::time::Duration;
 
-pub use bundle::{
-    BundleError, BundleInputs, BundleSummary, FileSourceInput, JournalSourceInput, Manifest,
-    build_bundle,
-};
 pub use record::{
     DeclareRequest, EventKind, Incident, IncidentError, IncidentStore, LinkStatus, Remaining,
     TimelineEvent, render_list, render_show,

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::spool::fs::{Fs, LockGuard, RealFs, write_atomic};
+use crate::fs::{Fs, LockGuard, RealFs, write_atomic};
 
 /// Longest `--details` text kept in a record.
 pub const MAX_DETAILS_BYTES: u64 = 64 * 1024;
@@ -629,7 +629,7 @@ impl IncidentStore {
     pub fn record_bundle(
         &self,
         id: &str,
-        summary: &super::bundle::BundleSummary,
+        summary: &crate::agent::incident::bundle::BundleSummary,
     ) -> Result<Incident, IncidentError> {
         self.update(id, |inc| {
             inc.bundle = Some(BundleRecord {

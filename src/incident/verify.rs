@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use flate2::bufread::GzDecoder;
 use sha2::{Digest, Sha256};
 
-use super::bundle::Manifest;
 use super::{MANIFEST_NAME, MAX_MANIFEST_BYTES, MAX_MEMBERS, MAX_NAME_BYTES, hex};
+use crate::agent::incident::bundle::Manifest;
 
 /// Bounds on what a verifier accepts.
 #[derive(Debug, Clone, Copy)]
@@ -318,7 +318,7 @@ fn scan(reader: &mut impl Read, limits: VerifyLimits) -> Result<VerifyReport, Ve
     };
     let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
         .map_err(|e| VerifyError::ManifestInvalid(e.to_string()))?;
-    if manifest.format != super::bundle::FORMAT {
+    if manifest.format != crate::agent::incident::bundle::FORMAT {
         return Err(VerifyError::ManifestInvalid(format!(
             "unknown format {:?}",
             manifest.format

@@ -13,7 +13,6 @@
 //! periods run 10:00–11:00 and `1d` periods start at 00:00 UTC (08:00 in Taiwan).
 //! A record belongs to the period in which the agent durably staged it.
 
-pub mod collector;
 pub mod item;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -98,7 +97,7 @@ pub fn run_now_cli(
     json: bool,
 ) -> std::process::ExitCode {
     use std::process::ExitCode;
-    let socket = match socket.map_or_else(|| crate::status::socket_from_config(config), Ok) {
+    let socket = match socket.map_or_else(|| crate::ops::status::socket_from_config(config), Ok) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("soclink: {e}");
@@ -106,12 +105,12 @@ pub fn run_now_cli(
         }
     };
     let req = serde_json::json!({"cmd": "intel_run_now"});
-    match crate::control::request_blocking(&socket, &req) {
+    match crate::ops::control::request_blocking(&socket, &req) {
         Ok(v) => {
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
-                match serde_json::from_value::<collector::Queued>(v) {
+                match serde_json::from_value::<crate::agent::intel::Queued>(v) {
                     Ok(q) => println!(
                         "queued intel item {} (partial period {} .. {}): {} records, {} bytes; `soclink status` shows when the relay acknowledges it",
                         q.name, q.period_start, q.period_end, q.records, q.bytes

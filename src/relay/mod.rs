@@ -12,7 +12,6 @@ pub mod incidents;
 pub mod intel;
 pub mod server;
 pub mod sink;
-pub mod store;
 
 use std::sync::{Arc, Mutex};
 
@@ -26,7 +25,7 @@ use crate::spool::{Spool, SpoolOptions};
 use crate::tls::{ReloadableServerConfig, ServerOptions, TlsFiles};
 use server::{Peers, Server, ServerSettings};
 use sink::Sink;
-use store::{Store, StoreOptions};
+use sink::file::{Store, StoreOptions};
 
 /// Handles a running relay exposes (status, reload).
 pub struct RelayHandles {
@@ -76,7 +75,7 @@ pub async fn run(
     let mut shipper_task = None;
     let mut upstream_status = None;
     let mut ctl_spool = None; // control
-    let mut ctl_recovery = crate::status::RelayRecoveryStatus::default(); // control
+    let mut ctl_recovery = crate::ops::status::RelayRecoveryStatus::default(); // control
     let (sink, writer) = match &cfg.upstream {
         None => {
             let (store, recovery) = Store::open(StoreOptions {
@@ -86,7 +85,7 @@ pub async fn run(
             .context("cannot open the store")?;
             // The store logged each item once; status shows them.
             ctl_recovery =
-                crate::status::RelayRecoveryStatus::from_store(&recovery, &cfg.state_dir);
+                crate::ops::status::RelayRecoveryStatus::from_store(&recovery, &cfg.state_dir);
             Sink::store(store, cfg.store_dir.clone())?
         }
         Some(up) => {
@@ -129,13 +128,13 @@ pub async fn run(
             tracing::info!("relay {:?} listening on {a}", cfg.id);
         }
     }
-    // control: `soclink status` (see crate::status).
+    // control: `soclink status` (see crate::ops::status).
     let ctl_up = cfg
         .upstream
         .as_ref()
         .map(|u| u.address.clone())
         .zip(upstream_status.clone());
-    let ctl = crate::status::spawn_relay_control(
+    let ctl = crate::ops::status::spawn_relay_control(
         &cfg,
         peers.clone(),
         sink.store_handle(),
@@ -144,8 +143,13 @@ pub async fn run(
         shutdown.clone(),
     );
     if let Some(addr) = cfg.metrics.listen {
-        // metrics: Prometheus endpoint over the same handles (see crate::metrics).
-        crate::metrics::start(addr, crate::metrics::Figures::Relay(ctl), shutdown.clone()).await?;
+        // metrics: Prometheus endpoint over the same handles (see crate::ops::metrics).
+        crate::ops::metrics::start(
+            addr,
+            crate::ops::metrics::Figures::Relay(ctl),
+            shutdown.clone(),
+        )
+        .await?;
     }
     let (sd_peers, sd_upstream) = (peers.clone(), upstream_status.clone()); // service
     on_ready(RelayHandles {
@@ -155,8 +159,8 @@ pub async fn run(
         sink: sink.clone(),
     });
     // service: READY=1 after bind, store open and on_ready (SIGHUP handler), watchdog.
-    let heartbeat = crate::service::Heartbeat::new();
-    crate::service::relay_started(sd_peers, sd_upstream, heartbeat.clone(), shutdown.clone());
+    let heartbeat = crate::ops::service::Heartbeat::new();
+    crate::ops::service::relay_started(sd_peers, sd_upstream, heartbeat.clone(), shutdown.clone());
     // The writer stops only on a storage failure: then the relay stops too, so that a
     // restart's recovery decides what is durable.
     let writer_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -180,7 +184,7 @@ pub async fn run(
         });
     }
     server.run(listeners, shutdown.clone()).await;
-    crate::service::stopping(); // service: STOPPING=1
+    crate::ops::service::stopping(); // service: STOPPING=1
     sink.stop();
     drop(sink);
     // The server's connections hold sink clones; they end with their tasks.

@@ -152,9 +152,7 @@
 //! dedupes by seq, and the newest segment still fixes the next seq.
 
 pub mod format;
-pub mod fs;
 pub mod peek;
-pub mod simfs;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -164,7 +162,7 @@ use tokio::sync::watch;
 
 pub use self::format::MAX_RECORD_BYTES;
 use self::format::{DecodeError, Ledger, RECORD_HEADER_LEN, RECORD_MAGIC, SEGMENT_HEADER_LEN};
-pub use self::fs::{Fs, FsFile, RealFs};
+pub use crate::fs::{Fs, FsFile, RealFs};
 
 /// Name of the ack ledger inside the spool directory.
 pub const LEDGER_FILE: &str = "acked";
@@ -351,7 +349,7 @@ struct Inner {
     reader: Option<(u64, Box<dyn FsFile>)>,
     failed: Option<String>,
     /// Exclusive lock on the directory, released when the last clone is dropped.
-    _lock: fs::LockGuard,
+    _lock: crate::fs::LockGuard,
 }
 
 struct Shared {

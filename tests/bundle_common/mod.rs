@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use flate2::Compression;
 use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
-use soclink::incident::bundle::Manifest;
+use soclink::agent::incident::bundle::Manifest;
 use soclink::incident::{DeclareRequest, Incident, IncidentStore};
 
 pub const HOUR: Duration = Duration::from_secs(3600);

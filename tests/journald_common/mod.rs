@@ -9,10 +9,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use soclink::agent::sources::SealedBatch;
+use soclink::agent::sources::file::BatchLimits;
+use soclink::agent::sources::journald::{JournaldSource, JournaldStats};
 use soclink::config::{JournaldSourceConfig, StartAt};
-use soclink::sources::SealedBatch;
-use soclink::sources::file::BatchLimits;
-use soclink::sources::journald::{JournaldSource, JournaldStats};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 

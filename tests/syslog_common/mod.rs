@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use soclink::sources::SealedBatch;
-use soclink::sources::file::BatchLimits;
-use soclink::sources::syslog::{SyslogLimits, SyslogListen, SyslogSource, SyslogStats};
+use soclink::agent::sources::SealedBatch;
+use soclink::agent::sources::file::BatchLimits;
+use soclink::agent::sources::syslog::{SyslogLimits, SyslogListen, SyslogSource, SyslogStats};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;

@@ -92,7 +92,7 @@ fn boot_time() -> Result<Vec<u8>, String> {
     let t = std::time::UNIX_EPOCH + Duration::from_secs(btime);
     Ok(format!(
         "btime={btime}\nboot_time={}\n",
-        super::record::format_time(t)
+        crate::incident::record::format_time(t)
     )
     .into_bytes())
 }

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::spool::fs::{Fs, RealFs, read_all, write_atomic};
+use crate::fs::{Fs, RealFs, read_all, write_atomic};
 
 const MAGIC: &str = "soclink-checkpoints v1 crc32=";
 
@@ -112,20 +112,20 @@ impl Checkpoints {
         match Self::load_with(fs, path) {
             Ok(c) => (c, None),
             Err(e) => {
-                let moved = crate::sealed::set_aside(fs, path);
+                let moved = crate::fs::sealed::set_aside(fs, path);
                 (Checkpoints::default(), Some((e, moved)))
             }
         }
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Checkpoints, String> {
-        let body = crate::sealed::unseal(MAGIC, bytes)?;
+        let body = crate::fs::sealed::unseal(MAGIC, bytes)?;
         serde_json::from_slice(body).map_err(|e| format!("bad JSON: {e}"))
     }
 
     pub fn encode(&self) -> Vec<u8> {
         // Serializing plain maps of strings and integers cannot fail.
-        crate::sealed::seal(MAGIC, &serde_json::to_vec(self).unwrap_or_default())
+        crate::fs::sealed::seal(MAGIC, &serde_json::to_vec(self).unwrap_or_default())
     }
 
     pub fn store(&self, path: &Path) -> std::io::Result<()> {

@@ -2,8 +2,8 @@
 //! `soclink bundle verify`, so main.rs only wires them:
 //!
 //! ```text
-//! Cmd::Incident(a) => soclink::incident::cli::run_incident(&a, &settings, &link),
-//! Cmd::Bundle(a) => soclink::incident::cli::run_bundle(&a),
+//! Cmd::Incident(a) => soclink::cli::incident::run_incident(&a, &settings, &link),
+//! Cmd::Bundle(a) => soclink::cli::incident::run_bundle(&a),
 //! ```
 //!
 //! Exit codes follow main.rs: 0 success, 1 failure (including a bundle that does not
@@ -16,13 +16,13 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
-use super::bundle::{BundleInputs, build_bundle};
-use super::record::{
+use crate::agent::incident::bundle::{BundleInputs, build_bundle};
+use crate::incident::record::{
     DeclareRequest, IncidentError, IncidentStore, LinkStatus, format_time, parse_time,
     read_details, render_list, render_show,
 };
-use super::verify::verify_bundle;
-use super::{IncidentSettings, needs_bundle};
+use crate::incident::verify::verify_bundle;
+use crate::incident::{IncidentSettings, needs_bundle};
 
 /// `soclink incident`.
 #[derive(Debug, Args)]
@@ -211,7 +211,9 @@ pub fn run_incident(
             )?;
             if d.no_bundle {
                 std::fs::write(
-                    store.incident_dir(&inc.id)?.join(super::NO_BUNDLE_MARKER),
+                    store
+                        .incident_dir(&inc.id)?
+                        .join(crate::incident::NO_BUNDLE_MARKER),
                     b"",
                 )?;
             }
@@ -219,8 +221,11 @@ pub fn run_incident(
                 let path = store.bundle_path(&inc.id)?;
                 let inputs = BundleInputs::from_config(&cfg);
                 // Tells a running agent's outbox that this bundle is being built here.
-                let marker = store.incident_dir(&inc.id)?.join(super::BUILDING_MARKER);
-                let held = super::outbox::mark_building(&store.incident_dir(&inc.id)?);
+                let marker = store
+                    .incident_dir(&inc.id)?
+                    .join(crate::incident::BUILDING_MARKER);
+                let held =
+                    crate::agent::incident::outbox::mark_building(&store.incident_dir(&inc.id)?);
                 if let Err(e) = &held {
                     tracing::warn!(
                         "cannot mark {} while building it ({e}); a running agent may build the same bundle",
@@ -313,7 +318,7 @@ pub fn run_bundle(args: &BundleArgs) -> Result<ExitCode> {
 fn declare_via_agent(
     socket: &Path,
     d: &DeclareArgs,
-) -> Result<Option<super::record::Incident>, String> {
+) -> Result<Option<crate::incident::record::Incident>, String> {
     let details = match &d.details {
         Some(p) => read_details(p).map_err(|e| e.to_string())?,
         None => String::new(),
@@ -339,11 +344,11 @@ fn declare_via_agent(
     else {
         return Ok(None);
     };
-    match rt.block_on(crate::control::request(socket, &req)) {
+    match rt.block_on(crate::ops::control::request(socket, &req)) {
         Ok(v) => serde_json::from_value(v)
             .map(Some)
             .map_err(|e| format!("unexpected answer: {e}")),
-        Err(crate::control::ControlError::Remote(e)) => Err(e),
+        Err(crate::ops::control::ControlError::Remote(e)) => Err(e),
         Err(_) => Ok(None),
     }
 }
@@ -378,7 +383,8 @@ pub fn declare_from_json(
         .map_err(|e| e.to_string())?;
     if flag("no_bundle") {
         let dir = store.incident_dir(&inc.id).map_err(|e| e.to_string())?;
-        std::fs::write(dir.join(super::NO_BUNDLE_MARKER), b"").map_err(|e| e.to_string())?;
+        std::fs::write(dir.join(crate::incident::NO_BUNDLE_MARKER), b"")
+            .map_err(|e| e.to_string())?;
     }
     serde_json::to_value(&inc).map_err(|e| e.to_string())
 }

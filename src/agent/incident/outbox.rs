@@ -6,7 +6,7 @@
 //! recorded, whether the agent was running at the time or not (guideline 3.1(三): act
 //! within the hour even when the network is down, deliver when it is back). What was
 //! enqueued is remembered per incident in `outbox.json` beside the record, sealed with
-//! a checksum ([`crate::sealed`]):
+//! a checksum ([`crate::fs::sealed`]):
 //!
 //! ```text
 //! soclink-outbox v1 crc32=<8 hex digits>
@@ -30,11 +30,11 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::bundle::{BundleInputs, build_bundle};
-use super::record::{EventKind, Incident, IncidentStore, TimelineEvent};
-use super::{IncidentSettings, needs_bundle};
 use crate::batch::{BatchMeta, Item};
+use crate::fs::{Fs, read_all, write_atomic};
+use crate::incident::record::{EventKind, Incident, IncidentStore, TimelineEvent};
+use crate::incident::{IncidentSettings, needs_bundle};
 use crate::spool::Spool;
-use crate::spool::fs::{Fs, read_all, write_atomic};
 
 /// Bundle chunk size in the priority spool and on the wire.
 pub const CHUNK: usize = 4 << 20;
@@ -61,7 +61,7 @@ pub struct OutboxState {
 impl OutboxState {
     fn encode(&self) -> Vec<u8> {
         // Strings and integers only: serializing cannot fail.
-        crate::sealed::seal(MAGIC, &serde_json::to_vec(self).unwrap_or_default())
+        crate::fs::sealed::seal(MAGIC, &serde_json::to_vec(self).unwrap_or_default())
     }
 }
 
@@ -71,7 +71,7 @@ fn load_state(fs: &dyn Fs, path: &Path) -> Result<Option<OutboxState>, String> {
     let Some(bytes) = read_all(fs, path).map_err(|e| format!("cannot read: {e}"))? else {
         return Ok(None);
     };
-    let body = crate::sealed::unseal(MAGIC, &bytes)?;
+    let body = crate::fs::sealed::unseal(MAGIC, &bytes)?;
     serde_json::from_slice(body)
         .map(Some)
         .map_err(|e| format!("bad JSON: {e}"))
@@ -80,7 +80,7 @@ fn load_state(fs: &dyn Fs, path: &Path) -> Result<Option<OutboxState>, String> {
 /// Move a damaged outbox state aside and log it once; where it went (or `path`, if it
 /// could not be moved: the next write replaces it).
 fn set_aside(fs: &dyn Fs, path: &Path, incident: &str, why: &str) -> PathBuf {
-    let aside = crate::sealed::set_aside(fs, path);
+    let aside = crate::fs::sealed::set_aside(fs, path);
     let note = match &aside {
         Some(a) => format!("moved it to {}", a.display()),
         None => "it could not be moved aside".into(),
@@ -222,7 +222,7 @@ impl Outbox {
         // The record, whenever it changed (declared, bundle built, marks, closed).
         if self.ship {
             let compact = serde_json::to_vec(&inc)?;
-            let sha = super::hex(&Sha256::digest(&compact));
+            let sha = crate::incident::hex(&Sha256::digest(&compact));
             if sha != st.record_sha256 {
                 let mut line = compact;
                 line.push(b'\n');
@@ -237,7 +237,9 @@ impl Outbox {
             && needs_bundle(inc.level, &self.settings.auto_bundle_levels)
             && !self.fs.exists(&bundle_path)
             && !being_built(&idir)
-            && !self.fs.exists(&idir.join(super::NO_BUNDLE_MARKER))
+            && !self
+                .fs
+                .exists(&idir.join(crate::incident::NO_BUNDLE_MARKER))
         {
             let summary = build_bundle(
                 &bundle_path,
@@ -357,7 +359,7 @@ pub fn enqueue_file(
 ) -> Result<(u64, u64, u64)> {
     let f = fs.open_read(path)?;
     let total = f.size()?;
-    let sha = crate::spool::fs::sha256_file(fs, path)?;
+    let sha = crate::fs::sha256_file(fs, path)?;
     let mut buf = vec![0u8; CHUNK];
     let mut offset = 0u64;
     let (mut first, mut last) = (0, 0);
@@ -413,7 +415,7 @@ pub fn last_ack(inc: &Incident) -> Option<SystemTime> {
 /// is dropped: the marker appears already locked (created aside, locked, renamed in), so
 /// an agent never finds it unlocked while the build runs.
 pub fn mark_building(idir: &Path) -> std::io::Result<std::fs::File> {
-    let marker = idir.join(super::BUILDING_MARKER);
+    let marker = idir.join(crate::incident::BUILDING_MARKER);
     let tmp = marker.with_extension("building.tmp");
     let f = std::fs::File::create(&tmp)?;
     if let Err(e) = f.lock() {
@@ -431,7 +433,7 @@ pub fn mark_building(idir: &Path) -> std::io::Result<std::fs::File> {
 /// "from the future" after a step back). Where locks are unsupported, a marker touched
 /// within an hour either way of now counts as live.
 fn being_built(idir: &Path) -> bool {
-    let marker = idir.join(super::BUILDING_MARKER);
+    let marker = idir.join(crate::incident::BUILDING_MARKER);
     let Ok(f) = std::fs::File::open(&marker) else {
         return false;
     };
@@ -458,7 +460,7 @@ mod tests {
     fn bundle_being_built_survives_clock_steps() {
         let dir = tempfile::tempdir().unwrap();
         let held = mark_building(dir.path()).unwrap();
-        let marker = dir.path().join(super::super::BUILDING_MARKER);
+        let marker = dir.path().join(crate::incident::BUILDING_MARKER);
         let f = std::fs::File::options().write(true).open(&marker).unwrap();
         let now = SystemTime::now();
         for (step, mtime) in [

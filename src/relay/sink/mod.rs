@@ -3,6 +3,8 @@
 //! connections' batches, one fsync round, then every reply. A batch's reply is sent only
 //! after the commit that made it durable, and the connection acknowledges it only then.
 
+pub mod file;
+
 use crate::util::lock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,10 +13,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::store::{AppendOutcome, Store};
 use crate::batch::{BatchMeta, Origin};
 use crate::protocol::BatchHeader;
 use crate::spool::Spool;
+use file::{AppendOutcome, Store};
 
 /// Most batches in one group commit.
 const GROUP_MAX: usize = 512;
@@ -301,12 +303,14 @@ fn store_item(
             offset,
             total,
             sha256,
-        } => super::intel::store_chunk(store_dir, &r.agent, name, *offset, *total, sha256, &r.gzip),
-        _ => super::incidents::store_item(store_dir, &r.agent, item, &r.gzip),
+        } => crate::relay::intel::store_chunk(
+            store_dir, &r.agent, name, *offset, *total, sha256, &r.gzip,
+        ),
+        _ => crate::relay::incidents::store_item(store_dir, &r.agent, item, &r.gzip),
     };
     match stored {
         Ok(outcome) => {
-            use super::incidents::Outcome;
+            use crate::relay::incidents::Outcome;
             match &outcome {
                 Outcome::Stored(what) => tracing::info!(agent = %r.agent, "stored {what}"),
                 Outcome::BundleComplete(p) => {

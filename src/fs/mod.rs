@@ -2,10 +2,13 @@
 //! [`RealFs`], their implementation on `std::fs`.
 //!
 //! The seam exists so the crash-consistency of the spool can be tested against
-//! [`super::simfs::SimFs`], which models exactly what survives a power loss. Every
+//! [`sim::SimFs`], which models exactly what survives a power loss. Every
 //! method maps to one system call whose durability meaning is documented, so the spool
 //! can reason about what is on stable storage: file *contents* are durable after
 //! [`FsFile::sync`], directory *entries* (create, rename, remove) after [`Fs::sync_dir`].
+
+pub mod sealed;
+pub mod sim;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};

@@ -178,7 +178,7 @@ pub fn format_utc(t: Timestamp, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::syslog::parse;
+    use crate::agent::sources::syslog::parse;
 
     fn at(rfc3339: &str) -> SystemTime {
         humantime::parse_rfc3339(rfc3339).unwrap()

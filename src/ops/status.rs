@@ -3,7 +3,7 @@
 //!
 //! - [`AgentHandles`] / [`RelayHandles`] hold clones of the live counters (`Arc`s the
 //!   running components update) and take a [`Status`] snapshot on request; they are the
-//!   control socket's [`Handler`](crate::control::Handler) for `{"cmd":"status"}`.
+//!   control socket's [`Handler`](crate::ops::control::Handler) for `{"cmd":"status"}`.
 //! - [`Status`] is the stable `--json` output (field names are a contract: add fields,
 //!   never rename them). Times are RFC 3339 UTC strings, durations whole seconds, sizes
 //!   bytes.
@@ -23,14 +23,14 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::agent::sources::file::SourceStats;
+use crate::agent::sources::journald::JournaldStats;
+use crate::agent::sources::syslog::SyslogStats;
 use crate::config::{AgentConfig, RelayConfig};
-use crate::control::{self, ControlError, Handler, HandlerFuture};
+use crate::ops::control::{self, ControlError, Handler, HandlerFuture};
 use crate::relay::server::Peers;
-use crate::relay::store::Store;
+use crate::relay::sink::file::Store;
 use crate::ship::UpstreamStatus;
-use crate::sources::file::SourceStats;
-use crate::sources::journald::JournaldStats;
-use crate::sources::syslog::SyslogStats;
 use crate::spool::Spool;
 
 /// A status snapshot of either role.
@@ -58,7 +58,7 @@ pub struct AgentStatus {
     pub recovery: RecoveryStatus,
     /// Absent when `[intel]` is not configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub intel: Option<Box<crate::intel::collector::IntelStatus>>,
+    pub intel: Option<Box<crate::agent::intel::IntelStatus>>,
 }
 
 /// Damage found and handled when the agent opened its state directory (the last start
@@ -179,7 +179,7 @@ impl RelayRecoveryStatus {
     }
 
     /// The start-time part, from what the store's open repaired.
-    pub fn from_store(r: &crate::relay::store::StoreRecovery, state_dir: &Path) -> Self {
+    pub fn from_store(r: &crate::relay::sink::file::StoreRecovery, state_dir: &Path) -> Self {
         let rel = |p: &Path| p.strip_prefix(state_dir).unwrap_or(p).display().to_string();
         RelayRecoveryStatus {
             cut_bytes: r
@@ -226,7 +226,7 @@ pub struct ResyncStatus {
 }
 
 impl DedupeResetStatus {
-    fn from_store(r: crate::relay::store::DedupeReset) -> Self {
+    fn from_store(r: crate::relay::sink::file::DedupeReset) -> Self {
         let streams: Vec<ResyncStatus> = r
             .streams
             .into_iter()
@@ -318,7 +318,7 @@ pub struct AgentHandles {
     pub upstream: Option<LinkHandle>,
     pub started: Instant,
     /// The intel task, when `[intel]` is configured.
-    pub intel: Option<crate::intel::collector::IntelHandle>,
+    pub intel: Option<crate::agent::intel::IntelHandle>,
     pub recovery: Arc<RecoveryStatus>,
 }
 
@@ -604,7 +604,7 @@ impl Handler for AgentHandles {
                     let (dir, id, host) =
                         (self.state_dir.clone(), self.id.clone(), self.host.clone());
                     tokio::task::spawn_blocking(move || {
-                        crate::incident::cli::declare_from_json(&dir, &id, &host, &req)
+                        crate::cli::incident::declare_from_json(&dir, &id, &host, &req)
                     })
                     .await
                     .map_err(|e| format!("declare failed: {e}"))?
@@ -846,7 +846,7 @@ pub fn render_agent(s: &AgentStatus) -> String {
     out
 }
 
-fn render_intel(out: &mut String, i: &crate::intel::collector::IntelStatus) {
+fn render_intel(out: &mut String, i: &crate::agent::intel::IntelStatus) {
     out.push_str(&format!(
         "\nINTEL (every {})\n",
         human_duration(Duration::from_secs(i.every_secs))

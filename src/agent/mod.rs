@@ -12,6 +12,11 @@
 //! The checkpoint file may lag: the spool keeps every record the file does not yet
 //! reflect and [`Agent::open`] replays their cursors.
 
+pub mod incident;
+pub mod intel;
+pub mod reload;
+pub mod sources;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -23,18 +28,18 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::incident::bundle::BundleInputs;
+use crate::agent::incident::outbox::{Outbox, PRIORITY_STREAM};
+use crate::agent::sources::SealedBatch;
+use crate::agent::sources::checkpoint::{Checkpoints, FilePos};
+use crate::agent::sources::file::{BatchLimits, FileSource, SourceStats};
+use crate::agent::sources::journald::JournaldSource;
+use crate::agent::sources::syslog::{self, SyslogLimits, SyslogListen, SyslogSource};
 use crate::batch::BatchMeta;
 use crate::config::{AgentConfig, SourceKind, SyslogSourceConfig};
-use crate::incident::bundle::BundleInputs;
-use crate::incident::outbox::{Outbox, PRIORITY_STREAM};
+use crate::ops::status::{AgentHandles, SourceCounters};
 use crate::ship::{Lane, Shipper};
-use crate::sources::SealedBatch;
-use crate::sources::checkpoint::{Checkpoints, FilePos};
-use crate::sources::file::{BatchLimits, FileSource, SourceStats};
-use crate::sources::journald::JournaldSource;
-use crate::sources::syslog::{self, SyslogLimits, SyslogListen, SyslogSource};
 use crate::spool::{Spool, SpoolOptions};
-use crate::status::{AgentHandles, SourceCounters};
 use crate::tls::ReloadableClientConfig;
 
 /// The stream name of an agent's routine log spool on the wire.
@@ -65,7 +70,7 @@ struct Compressed {
     gzip: Vec<u8>,
 }
 
-/// How crate::reload runs a generation.
+/// How crate::agent::reload runs a generation.
 pub struct Supervisor {
     /// Receives the handles a reload needs, once the generation runs.
     pub started: tokio::sync::oneshot::Sender<Started>,
@@ -73,7 +78,7 @@ pub struct Supervisor {
     pub process: CancellationToken,
 }
 
-/// What a running generation hands to crate::reload.
+/// What a running generation hands to crate::agent::reload.
 pub struct Started {
     /// The upstream certificates, reloadable in place (None without `[upstream]`).
     pub tls: Option<Arc<ReloadableClientConfig>>,
@@ -92,7 +97,7 @@ pub struct Agent {
     /// Incident records, reports and evidence bundles: shipped before routine logs.
     priority: Spool,
     checkpoints: Checkpoints,
-    recovery: crate::status::RecoveryStatus,
+    recovery: crate::ops::status::RecoveryStatus,
     _lock: File,
 }
 
@@ -156,7 +161,7 @@ impl Agent {
         for m in &precovery.messages {
             tracing::warn!("priority spool recovery: {m}");
         }
-        let mut report = crate::status::RecoveryStatus::default();
+        let mut report = crate::ops::status::RecoveryStatus::default();
         for r in [&recovery, &precovery] {
             report.torn_bytes += r.truncated_bytes;
             report.corrupt_records += r.corrupt_records;
@@ -169,7 +174,7 @@ impl Agent {
         }
         let ck_path = Checkpoints::path(&cfg.state_dir);
         let (mut checkpoints, reset) =
-            Checkpoints::load_or_quarantine(&crate::spool::fs::RealFs, &ck_path);
+            Checkpoints::load_or_quarantine(&crate::fs::RealFs, &ck_path);
         if let Some((e, aside)) = reset {
             report.checkpoint_reset = Some(e.to_string());
             let shown = aside
@@ -186,7 +191,7 @@ impl Agent {
             );
         }
         for aside in
-            crate::incident::outbox::quarantine_damaged(&crate::spool::fs::RealFs, &cfg.state_dir)
+            crate::agent::incident::outbox::quarantine_damaged(&crate::fs::RealFs, &cfg.state_dir)
         {
             report.quarantined.push(
                 aside
@@ -223,7 +228,7 @@ impl Agent {
     }
 
     /// [`Agent::run`] as one generation of `soclink agent` under `supervisor` (see
-    /// crate::reload), which owns SIGHUP: no handler is installed here, and the
+    /// crate::agent::reload), which owns SIGHUP: no handler is installed here, and the
     /// supervisor receives the handles a reload needs once everything is bound and
     /// running. An error before that means nothing was started (no source, no shipper,
     /// no listener is left behind).
@@ -290,7 +295,7 @@ impl Agent {
             None => None,
         };
         let metrics_listener = match cfg.metrics.listen {
-            Some(addr) => Some(crate::metrics::bind(addr).await?), // metrics
+            Some(addr) => Some(crate::ops::metrics::bind(addr).await?), // metrics
             None => None,
         };
         for s in &cfg.sources {
@@ -305,7 +310,7 @@ impl Agent {
                     let st = Arc::new(SourceStats::default());
                     stats.sources.push((s.name.clone(), st.clone()));
                     ctl_sources.push((name.clone(), SourceCounters::File(st.clone()))); // control
-                    counters.push(crate::service::SourceCounter::File(st.clone()));
+                    counters.push(crate::ops::service::SourceCounter::File(st.clone()));
                     let src = FileSource::new(
                         s.name.clone(),
                         cfg.host.clone(),
@@ -326,7 +331,9 @@ impl Agent {
                 SourceKind::Journald(jcfg) => {
                     let jst = Arc::default(); // control, service
                     ctl_sources.push((name.clone(), SourceCounters::Journald(Arc::clone(&jst))));
-                    counters.push(crate::service::SourceCounter::Journald(Arc::clone(&jst)));
+                    counters.push(crate::ops::service::SourceCounter::Journald(Arc::clone(
+                        &jst,
+                    )));
                     let cursor = checkpoints
                         .cursors
                         .get(&s.name)
@@ -355,7 +362,9 @@ impl Agent {
                         continue;
                     };
                     ctl_sources.push((name.clone(), SourceCounters::Syslog(src.stats.clone()))); // control
-                    counters.push(crate::service::SourceCounter::Syslog(src.stats.clone()));
+                    counters.push(crate::ops::service::SourceCounter::Syslog(
+                        src.stats.clone(),
+                    ));
                     tasks.push(tokio::spawn(src.run(stop_sources.clone())));
                 }
             }
@@ -364,7 +373,7 @@ impl Agent {
         let (htx, hrx) = mpsc::channel::<JoinHandle<Compressed>>(cpus + 1);
         let level = cfg.spool.compression_level;
         let compressor = tokio::spawn(compress_stage(rx, htx, level, cpus));
-        let heartbeat = crate::service::Heartbeat::new(); // service: watchdog
+        let heartbeat = crate::ops::service::Heartbeat::new(); // service: watchdog
         let writer = tokio::spawn(write_stage(
             hrx,
             spool.clone(),
@@ -392,7 +401,7 @@ impl Agent {
             // service: registered before READY=1, so an early SIGHUP cannot kill the agent.
             match &tls {
                 Some(tls) => spawn_reload_on_hup(tls.clone(), shutdown.clone()),
-                None => crate::service::spawn_idle_reload(shutdown.clone()),
+                None => crate::ops::service::spawn_idle_reload(shutdown.clone()),
             }
         }
         let outbox = Outbox {
@@ -402,10 +411,10 @@ impl Agent {
             settings: cfg.incident.clone(),
             inputs: BundleInputs::from_config(&cfg),
             ship: cfg.upstream.is_some(),
-            fs: Arc::new(crate::spool::fs::RealFs),
+            fs: Arc::new(crate::fs::RealFs),
         };
         let outbox_task = tokio::spawn(outbox.run(ship_stop.clone()));
-        // control: `soclink status` (see crate::status).
+        // control: `soclink status` (see crate::ops::status).
         let ctl_up = cfg
             .upstream
             .as_ref()
@@ -421,7 +430,7 @@ impl Agent {
                 let (settings, cfg2, prio, handles) =
                     (settings.clone(), cfg.clone(), priority.clone(), ctl.clone());
                 let collector = tokio::task::spawn_blocking(move || {
-                    crate::intel::collector::Collector::open(
+                    crate::agent::intel::Collector::open(
                         &settings,
                         &cfg2.id,
                         &cfg2.host,
@@ -433,7 +442,7 @@ impl Agent {
                 })
                 .await??;
                 let (collector, settings) = collector;
-                ctl.intel = Some(crate::intel::collector::IntelHandle {
+                ctl.intel = Some(crate::agent::intel::IntelHandle {
                     status: collector.status(),
                     run_now: ntx,
                 });
@@ -453,7 +462,7 @@ impl Agent {
                         .spawn(move || src.run())
                         .context("cannot start the intel file thread")?,
                 );
-                Some(tokio::spawn(crate::intel::collector::run(
+                Some(tokio::spawn(crate::agent::intel::run(
                     collector,
                     irx,
                     nrx,
@@ -462,13 +471,13 @@ impl Agent {
             }
             None => None,
         };
-        // metrics: Prometheus endpoint over the same handles (see crate::metrics).
+        // metrics: Prometheus endpoint over the same handles (see crate::ops::metrics).
         let metrics_task = metrics_listener.map(|l| {
-            let figures = crate::metrics::Figures::Agent(ctl.clone()); // metrics
-            tokio::spawn(crate::metrics::run(l, figures, shutdown.clone())) // metrics
+            let figures = crate::ops::metrics::Figures::Agent(ctl.clone()); // metrics
+            tokio::spawn(crate::ops::metrics::run(l, figures, shutdown.clone())) // metrics
         });
         let control_task =
-            crate::control::spawn(cfg.control_socket.clone(), Arc::new(ctl), shutdown.clone());
+            crate::ops::control::spawn(cfg.control_socket.clone(), Arc::new(ctl), shutdown.clone());
         tracing::info!(
             "agent {:?} started: {} source(s), state in {}",
             cfg.id,
@@ -476,12 +485,12 @@ impl Agent {
             cfg.state_dir.display()
         );
         // service: READY=1 (the upstream link may still be connecting), STATUS=, watchdog.
-        let figures = crate::service::AgentFigures {
+        let figures = crate::ops::service::AgentFigures {
             sources: counters,
             spool: spool.clone(),
             upstream: upstream_status,
         };
-        crate::service::agent_started(figures, heartbeat, shutdown.clone());
+        crate::ops::service::agent_started(figures, heartbeat, shutdown.clone());
         if let Some(on_started) = on_started {
             let _ = on_started.send(Started { tls });
         }
@@ -507,7 +516,7 @@ impl Agent {
         // service: STOPPING=1, unless this generation ends for a reload (systemd would
         // take STOPPING=1 for the service stopping).
         if process.as_ref().is_none_or(|p| p.is_cancelled()) {
-            crate::service::stopping();
+            crate::ops::service::stopping();
         }
         tracing::info!("stopping: sealing and spooling what the sources hold");
         stop_sources.cancel();
@@ -587,7 +596,7 @@ async fn write_stage(
     mut checkpoints: Checkpoints,
     ck_path: PathBuf,
     shutdown: CancellationToken,
-    heartbeat: crate::service::Heartbeat,
+    heartbeat: crate::ops::service::Heartbeat,
 ) -> Result<()> {
     let mut last_store = Instant::now();
     let mut dirty = false;
@@ -603,7 +612,7 @@ async fn write_stage(
         crate::pool::trim_idle();
         let first = tokio::select! {
             r = rx.recv() => r,
-            _ = tokio::time::sleep(crate::service::HEARTBEAT_EVERY) => continue,
+            _ = tokio::time::sleep(crate::ops::service::HEARTBEAT_EVERY) => continue,
         };
         let Some(first) = first else {
             break;
@@ -801,12 +810,12 @@ fn spawn_reload_on_hup(tls: Arc<ReloadableClientConfig>, shutdown: CancellationT
         loop {
             tokio::select! {
                 _ = hup.recv() => {
-                    crate::service::reloading(); // service: RELOADING=1 .. READY=1
+                    crate::ops::service::reloading(); // service: RELOADING=1 .. READY=1
                     match tls.reload() {
                         Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
                         Err(e) => tracing::error!("SIGHUP: keeping the old certificates: {e}"),
                     }
-                    crate::service::ready();
+                    crate::ops::service::ready();
                 }
                 _ = shutdown.cancelled() => return,
             }

@@ -22,11 +22,11 @@ use std::time::{Duration, Instant, SystemTime};
 use systemd::daemon;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::sources::file::SourceStats;
+use crate::agent::sources::journald::JournaldStats;
+use crate::agent::sources::syslog::SyslogStats;
 use crate::relay::server::Peers;
 use crate::ship::UpstreamStatus;
-use crate::sources::file::SourceStats;
-use crate::sources::journald::JournaldStats;
-use crate::sources::syslog::SyslogStats;
 use crate::spool::{Spool, SpoolStats};
 
 /// The working task beats at least this often, also when it has nothing to do.
@@ -292,7 +292,7 @@ pub fn agent_started(figures: AgentFigures, hb: Heartbeat, shutdown: Cancellatio
 
 /// Without an upstream the agent has no certificates to reload, but SIGHUP's default
 /// action would kill it: `systemctl reload` must never stop log collection. (For an agent
-/// run on its own, e.g. by the demo; `soclink agent` reloads its config, see crate::reload.)
+/// run on its own, e.g. by the demo; `soclink agent` reloads its config, see crate::agent::reload.)
 pub fn spawn_idle_reload(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     // Registered before READY=1 is sent, so a reload right after start is handled.

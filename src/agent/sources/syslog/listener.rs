@@ -45,9 +45,9 @@ use super::framing::Framer;
 use super::parse::parse;
 use super::timestamp::{DeviceClock, format_utc};
 use super::{ListenAddr, Proto, SyslogStats, encode_syslog_event_at};
+use crate::agent::sources::SealedBatch;
+use crate::agent::sources::file::BatchLimits;
 use crate::clock::DayFiler;
-use crate::sources::SealedBatch;
-use crate::sources::file::BatchLimits;
 
 /// Bytes asked of the kernel per TCP/TLS read (one TLS record). It also bounds a chunk:
 /// the tiniest messages (`<13>a\n`) encode to about 25 times their size.

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::spool::fs::Fs;
+use crate::fs::Fs;
 
 /// `body` with its header line.
 pub fn seal(magic: &str, body: &[u8]) -> Vec<u8> {

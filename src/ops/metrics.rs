@@ -2,7 +2,7 @@
 //!
 //! It owns two things:
 //! - [`encode_agent`] / [`encode_relay`]: the figures of `soclink status` as OpenMetrics
-//!   text. Each scrape takes a fresh [`crate::status`] snapshot and builds a new
+//!   text. Each scrape takes a fresh [`crate::ops::status`] snapshot and builds a new
 //!   `prometheus_client` [`Registry`] from it, so the endpoint can never disagree with
 //!   `soclink status` and keeps no state of its own (the counters stay where the
 //!   pipeline updates them).
@@ -36,7 +36,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::status::{
+use crate::ops::status::{
     AgentHandles, AgentStatus, LinkStatus, RelayHandles, RelayStatus, SpoolStatus,
 };
 
@@ -557,7 +557,7 @@ mod tests {
 
     #[test]
     fn relay_text() {
-        use crate::status::{AgentSeen, StreamSeq};
+        use crate::ops::status::{AgentSeen, StreamSeq};
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let st = RelayStatus {
             id: "r1".into(),
@@ -612,7 +612,7 @@ mod tests {
 
     #[test]
     fn agent_text() {
-        use crate::status::SourceStatus;
+        use crate::ops::status::SourceStatus;
         let st = AgentStatus {
             id: "web-01".into(),
             version: "0.1.0".into(),

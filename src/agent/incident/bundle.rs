@@ -38,9 +38,10 @@ use flate2::write::GzEncoder;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::record::{Incident, format_time, rfc3339};
-use super::{MANIFEST_NAME, MAX_MANIFEST_BYTES, MAX_MEMBERS, MAX_NAME_BYTES, hex, hostfacts};
+use super::hostfacts;
 use crate::config::{AgentConfig, SourceKind};
+use crate::incident::record::{Incident, format_time, rfc3339};
+use crate::incident::{MANIFEST_NAME, MAX_MANIFEST_BYTES, MAX_MEMBERS, MAX_NAME_BYTES, hex};
 
 /// Smallest cap accepted: room for the manifest and a few small members.
 const MIN_CAP: u64 = 1 << 20;
@@ -974,7 +975,7 @@ fn fill(
     let mut listings = DirListings::default();
     for src in &inputs.file_sources {
         let mut paths = Vec::new();
-        for p in crate::sources::file::expand(&src.include, &src.exclude) {
+        for p in crate::agent::sources::file::expand(&src.include, &src.exclude) {
             let siblings = listings.rotated_siblings(&p);
             paths.push(p);
             paths.extend(

@@ -14,7 +14,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::fs::{Fs, FsFile, LockGuard};
+use super::{Fs, FsFile, LockGuard};
 
 #[derive(Debug, Default, Clone)]
 struct Inode {

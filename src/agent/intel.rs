@@ -30,14 +30,14 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{IntelSettings, SOURCE, from_unix, item, item_name, period_start, unix};
+use crate::agent::sources::SealedBatch;
+use crate::agent::sources::checkpoint::Checkpoints;
 use crate::batch::Item;
+use crate::fs::{Fs, FsWriter, RealFs, read_all, write_atomic};
 use crate::incident::record::format_time;
-use crate::sources::SealedBatch;
-use crate::sources::checkpoint::Checkpoints;
-use crate::spool::fs::{Fs, FsWriter, RealFs, read_all, write_atomic};
+use crate::intel::{IntelSettings, SOURCE, from_unix, item, item_name, period_start, unix};
+use crate::ops::status::AgentHandles;
 use crate::spool::{Spool, SpoolOptions};
-use crate::status::AgentHandles;
 
 /// How often the state file is rewritten while only the counts change.
 const PERSIST_EVERY: Duration = Duration::from_secs(5);
@@ -325,7 +325,7 @@ impl Collector {
     }
 
     /// Where the include files resume.
-    pub fn positions(&self) -> Vec<crate::sources::checkpoint::FilePos> {
+    pub fn positions(&self) -> Vec<crate::agent::sources::checkpoint::FilePos> {
         self.checkpoints
             .sources
             .get(SOURCE)
@@ -607,7 +607,7 @@ impl Collector {
             .with_context(|| format!("cannot write {}", tmp.display()))?;
         self.fs.rename(&tmp, &path)?;
         self.fs.sync_dir(&self.dir.join("outbox"))?;
-        let (first_seq, last_seq, size) = crate::incident::outbox::enqueue_file(
+        let (first_seq, last_seq, size) = crate::agent::incident::outbox::enqueue_file(
             &*self.fs,
             &self.priority,
             &path,
@@ -626,7 +626,7 @@ impl Collector {
             partial: header.partial,
             records,
             bytes: size,
-            sha256: crate::spool::fs::sha256_file(&*self.fs, &path)?,
+            sha256: crate::fs::sha256_file(&*self.fs, &path)?,
             first_seq,
             last_seq,
         };

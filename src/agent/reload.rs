@@ -92,15 +92,15 @@ pub async fn run_agent(path: &Path, cfg: AgentConfig, shutdown: CancellationToke
                     return joined(r);
                 }
                 Some(()) = hup.recv() => {
-                    crate::service::reloading(); // RELOADING=1 .. READY=1
+                    crate::ops::service::reloading(); // RELOADING=1 .. READY=1
                     match decide(path, &cfg) {
                         Reload::Keep(reason) => {
                             tracing::error!("SIGHUP: keeping the running config: {reason}");
-                            crate::service::ready();
+                            crate::ops::service::ready();
                         }
                         Reload::Unchanged => {
                             reload_in_place(&started);
-                            crate::service::ready();
+                            crate::ops::service::ready();
                         }
                         Reload::Apply(new, what) => {
                             tracing::info!("SIGHUP: applying the new config ({what}): stopping the running generation");
@@ -167,7 +167,7 @@ fn load_certificates(c: &AgentConfig) -> Result<(), String> {
         if let SourceKind::Syslog(sc) = &s.kind
             && let (Some(cert), Some(key)) = (&sc.tls_cert, &sc.tls_key)
         {
-            crate::sources::syslog::tls_server_config(cert, key, sc.tls_ca.as_deref())
+            crate::agent::sources::syslog::tls_server_config(cert, key, sc.tls_ca.as_deref())
                 .map_err(|e| format!("source {:?}: TLS certificates: {e}", s.name))?;
         }
     }

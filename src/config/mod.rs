@@ -110,7 +110,7 @@ pub struct AgentConfig {
     pub intel: Option<crate::intel::IntelSettings>,
 }
 
-/// `[metrics]`: the Prometheus scrape endpoint (agent and relay; see crate::metrics).
+/// `[metrics]`: the Prometheus scrape endpoint (agent and relay; see crate::ops::metrics).
 #[derive(Debug, Clone, Default)]
 pub struct MetricsSettings {
     /// Where `GET /metrics` is served; `None` (the default): no endpoint.
@@ -441,7 +441,7 @@ pub fn parse_agent(text: &str) -> Result<AgentConfig, Vec<Problem>> {
                 format!("duplicate source name {:?}", s.name.get_ref()),
             );
         }
-        if crate::relay::store::RESERVED_SOURCE_NAMES.contains(&s.name.get_ref().as_str()) {
+        if crate::relay::sink::file::RESERVED_SOURCE_NAMES.contains(&s.name.get_ref().as_str()) {
             p.at(
                 s.name.span(),
                 format!(
@@ -739,8 +739,8 @@ fn syslog_source(
     };
     let mut needs_tls = false;
     for l in listen {
-        match crate::sources::syslog::parse_listen(l.get_ref()) {
-            Ok(a) => needs_tls |= a.proto == crate::sources::syslog::Proto::Tls,
+        match crate::agent::sources::syslog::parse_listen(l.get_ref()) {
+            Ok(a) => needs_tls |= a.proto == crate::agent::sources::syslog::Proto::Tls,
             Err(e) => {
                 p.at(l.span(), e);
                 ok = false;
@@ -962,7 +962,8 @@ impl AgentConfig {
         for (i, s) in self.sources.iter().enumerate() {
             match &s.kind {
                 SourceKind::File(f) => {
-                    let matching = crate::sources::file::expand(&f.include, &f.exclude).len();
+                    let matching =
+                        crate::agent::sources::file::expand(&f.include, &f.exclude).len();
                     out.push_str(&format!(
                         "{} {:?} tails files matching {}{} ({} matching now), starting at the {} of files it has never seen, lines up to {}",
                         if i == 0 { "" } else { ";" },
