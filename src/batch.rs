@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 pub struct BatchMeta {
     /// Source name from the config; becomes a folder name at the relay.
     pub source: String,
-    /// UTC day (`YYYY-MM-DD`) of the batch's events; a batch never spans two days, so
+    /// UTC day (`YYYY-MM-DD`) the batch is filed under: that of its events' collection
+    /// time (for syslog the receive time, not the device's); a batch never spans two days, so
     /// the relay appends it to exactly one store file.
     pub day: String,
     /// Number of events (NDJSON lines) in the batch; the relay checks it.

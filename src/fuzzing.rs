@@ -168,7 +168,27 @@ fn check_syslog(msg: &[u8]) {
         assert_eq!(p.facility, Some(pri >> 3));
         assert_eq!(p.severity, Some(pri & 7));
     }
-    let header = [p.timestamp, p.hostname, p.app, p.procid, p.msgid];
+    if let Some(st) = p.stamp {
+        assert!(p.timestamp.is_some(), "a stamp without its text");
+        // Any stamp maps to UTC or to nothing, in a zone with DST, without panicking, and
+        // a mapped one formats to the fixed-width `ts`.
+        let received = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_764_115_200);
+        let zone = jiff::tz::TimeZone::get("Europe/Paris").unwrap_or(jiff::tz::TimeZone::UTC);
+        if let Some(t) = crate::agent::sources::syslog::DeviceClock::new(zone).to_utc(&st, received)
+        {
+            let mut ts = String::new();
+            crate::agent::sources::syslog::format_utc(t, &mut ts);
+            assert_eq!(ts.len(), 30, "{ts}");
+        }
+    }
+    let header = [
+        p.timestamp,
+        p.hostname,
+        p.app,
+        p.procid,
+        p.msgid,
+        p.sequence,
+    ];
     for f in header.into_iter().flatten() {
         assert!(
             within(msg, f.as_bytes()),
@@ -235,6 +255,11 @@ fn seeds_rfc3164() -> Vec<Vec<u8>> {
         b"\xbd123: *Mar  1 00:00:12.123: %SYS-5-CONFIG_I: Configured from console",
         b"\xbdMar  1 00:00:12 router1 123: *Mar  1 00:00:12.123 UTC: %LINK-3-UPDOWN: up",
         b"\xbddate=2026-11-26 time=01:02:03 devname=\"FGT\" devid=\"FG100\" type=\"traffic\"",
+        b"\xbb7: *Nov 26 01:02:03: rtr1 %CRYPTO-4-RECVD_PKT_INV_SPI: decaps: bad spi",
+        b"\xa6.Nov 26 2026 01:02:03: %PIX-6-302014: Teardown",
+        b"\x0dNov 26 01:02:03 2001:db8:: sshd[5]: x",
+        b"\x0d2026-11-26 09:02:03+08:00 h a: x",
+        b"\x0dFeb 29 01:02:03 h a: leap",
         b"\x0dplain message without header",
         b"<999>bad pri",
     ]
@@ -250,6 +275,8 @@ fn seeds_rfc5424() -> Vec<Vec<u8>> {
         b"\xa52026-11-26T01:02:03+08:00 h a p m - plain",
         b"\xa52026-11-26T01:02:03Z h a p m [x@32473 iut=\"3\" eventSource=\"App\"]",
         b"\xa5bad-time h a p m - x",
+        b"\xa52026-11-26T01:02:03.123456789 h a p m [Originator@6876 sub=Hostsvc opID=x] m",
+        b"\xa52026-10-25T02:30:00 h a p m [a x=\"\\]\"][b] m",
     ]
     .iter()
     .map(|s| s.to_vec())

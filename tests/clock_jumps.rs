@@ -2,13 +2,16 @@
 //! real relay over mutual TLS: every line arrives once, byte for byte and in file
 //! order; batches keep flowing within seconds of each jump (no timer waits for the wall
 //! clock); an incident keeps its recorded discovery time and deadline; intel periods
-//! are never closed twice and a forward jump closes each skipped period once.
+//! are never closed twice and a forward jump closes each skipped period once. And
+//! syslog across New Year in Taipei: device times without year or zone become full UTC
+//! times in the right year, and batches are filed by the receive day, held across a
+//! step back over midnight.
 //!
 //! The processes' realtime clock is moved with libfaketime (Debian package `faketime`)
 //! through its timestamp file, re-read on every call, while their monotonic clock stays
 //! real: exactly what a step of the system clock (an operator, an NTP step, a bad RTC)
-//! does to a running process. The tests skip, saying why, only when libfaketime cannot
-//! be loaded.
+//! does to a running process. When libfaketime cannot be loaded the tests fail in CI
+//! (`CI` set) and are skipped, saying why, elsewhere.
 
 mod common;
 
@@ -41,8 +44,9 @@ struct FakeClock {
 }
 
 impl FakeClock {
-    /// None (after printing why) when libfaketime is not installed or does not work.
-    fn new(dir: &Path) -> Option<FakeClock> {
+    /// None (after printing why) when libfaketime is not installed or does not work;
+    /// in CI that fails the test instead.
+    fn new(test: &str, dir: &Path) -> Option<FakeClock> {
         let lib = match std::env::var_os("SOCLINK_LIBFAKETIME") {
             Some(p) => PathBuf::from(p),
             None => {
@@ -58,8 +62,9 @@ impl FakeClock {
                 match found {
                     Some(p) => p,
                     None => {
-                        eprintln!(
-                            "SKIPPED: libfaketime.so.1 not found (apt-get install faketime, or set SOCLINK_LIBFAKETIME)"
+                        skip_unless_ci(
+                            test,
+                            "libfaketime.so.1 not found (apt-get install faketime, or set SOCLINK_LIBFAKETIME)",
                         );
                         return None;
                     }
@@ -84,9 +89,12 @@ impl FakeClock {
             })
             .map(|t| t - real_now());
         if !shifted.is_some_and(|d| (10 * DAY - 5..=10 * DAY + 5).contains(&d)) {
-            eprintln!(
-                "SKIPPED: libfaketime at {} does not move the clock of `date` (got {out:?})",
-                clock.lib.display()
+            skip_unless_ci(
+                test,
+                &format!(
+                    "libfaketime at {} does not move the clock of `date` (got {out:?})",
+                    clock.lib.display()
+                ),
             );
             return None;
         }
@@ -282,7 +290,8 @@ fn alerts(path: &Path, tag: &str, n: usize) -> Vec<String> {
 fn agent_clock_jumps_back_an_hour_then_forward_a_day() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let Some(clock) = FakeClock::new(dir) else {
+    let Some(clock) = FakeClock::new("agent_clock_jumps_back_an_hour_then_forward_a_day", dir)
+    else {
         return;
     };
     let pki = Pki::new(dir);
@@ -496,7 +505,8 @@ fn secs(rfc3339: &str) -> i64 {
 fn relay_clock_jumps_back_an_hour_then_forward_a_day() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let Some(clock) = FakeClock::new(dir) else {
+    let Some(clock) = FakeClock::new("relay_clock_jumps_back_an_hour_then_forward_a_day", dir)
+    else {
         return;
     };
     let pki = Pki::new(dir);
@@ -538,4 +548,184 @@ fn relay_clock_jumps_back_an_hour_then_forward_a_day() {
     assert!(took < Duration::from_secs(15), "reconnecting took {took:?}");
     agent.stop();
     check_store(&relay, "rly", &expected);
+}
+
+/// Spooled batches as (day, events), in spool order (`soclink spool dump --batches`).
+fn batch_days(state: &Path) -> Vec<(String, u64)> {
+    let out = Command::new(bin())
+        .args(["spool", "dump", "--batches", "--state-dir"])
+        .arg(state)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["meta"]["day"].as_str().unwrap().to_string(),
+                v["meta"]["events"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Syslog across New Year in Taipei through a real agent whose wall clock libfaketime
+/// sets (issue 16): RFC 3164 times without year or zone come out as full UTC `ts` in
+/// the right year, devices whose clocks are hours off keep their own time (with the
+/// receive time beside it), and batches are filed by the receive day, held across a
+/// step back over midnight UTC.
+#[test]
+fn syslog_new_year_in_taipei_with_device_clocks_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let Some(clock) = FakeClock::new("syslog_new_year_in_taipei_with_device_clocks_off", dir)
+    else {
+        return;
+    };
+    let set = |utc: &str| {
+        let t = soclink::incident::record::parse_time(utc).unwrap();
+        clock.set(soclink::intel::unix(t) as i64 - real_now());
+    };
+    let (tcp, udp) = (free_port(), {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    });
+    let adir = dir.join("agent");
+    std::fs::create_dir_all(&adir).unwrap();
+    let mut agent = AgentProc::new(
+        &adir,
+        &format!(
+            "[[source]]\nname = \"devices\"\ntype = \"syslog\"\nlisten = [\"udp://127.0.0.1:{udp}\", \"tcp://127.0.0.1:{tcp}\"]\ntimezone = \"Asia/Taipei\"\n"
+        ),
+        "",
+    );
+    agent.env = clock.env();
+    // 1 January 2027, 00:00:01 in Taipei.
+    set("2026-12-31T16:00:01Z");
+    agent.start();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", tcp)).is_err() {
+        assert!(Instant::now() < deadline, "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let send = |msgs: &[&str], total: usize| {
+        for m in msgs {
+            sock.send_to(m.as_bytes(), ("127.0.0.1", udp)).unwrap();
+        }
+        wait_events(&agent, Duration::from_secs(10), "syslog events", |e| {
+            e.len() >= total
+        });
+    };
+    send(
+        &[
+            "<13>Dec 31 23:59:59 fw01 app: id=old sent 2 s before New Year",
+            "<13>Jan  1 00:00:01 fw01 app: id=new sent on time",
+            "<13>Dec 31 19:00:01 fw02 app: id=slow device 5 h behind",
+            "<13>Jan  1 15:00:01 fw03 app: id=fast device 15 h ahead",
+        ],
+        4,
+    );
+    // 31 December 23:59:58 in Taipei: a device 2 s ahead is already in the new year.
+    set("2026-12-31T15:59:58Z");
+    send(
+        &["<13>Jan  1 00:00:00 fw04 app: id=ahead device 2 s ahead"],
+        5,
+    );
+    // Past midnight UTC, then the agent's clock steps back an hour across it.
+    set("2027-01-01T00:00:05Z");
+    send(
+        &["<13>Jan  1 08:00:05 fw01 app: id=utc-day after midnight UTC"],
+        6,
+    );
+    set("2026-12-31T23:00:05Z");
+    send(
+        &["<13>Jan  1 07:00:05 fw01 app: id=back clock stepped back"],
+        7,
+    );
+    agent.stop();
+
+    let evs = agent.events();
+    let by_id = |id: &str| {
+        evs.iter()
+            .find(|e| String::from_utf8_lossy(&message(e)).starts_with(&format!("id={id} ")))
+            .unwrap_or_else(|| panic!("no id={id} in {evs:?}"))
+            .clone()
+    };
+    let secs = |e: &serde_json::Value, k: &str| {
+        soclink::intel::unix(soclink::incident::record::parse_time(e[k].as_str().unwrap()).unwrap())
+            as i64
+    };
+    for (id, ts, received_about) in [
+        (
+            "old",
+            "2026-12-31T15:59:59.000000000Z",
+            "2026-12-31T16:00:01Z",
+        ),
+        (
+            "new",
+            "2026-12-31T16:00:01.000000000Z",
+            "2026-12-31T16:00:01Z",
+        ),
+        (
+            "slow",
+            "2026-12-31T11:00:01.000000000Z",
+            "2026-12-31T16:00:01Z",
+        ),
+        (
+            "fast",
+            "2027-01-01T07:00:01.000000000Z",
+            "2026-12-31T16:00:01Z",
+        ),
+        (
+            "ahead",
+            "2026-12-31T16:00:00.000000000Z",
+            "2026-12-31T15:59:58Z",
+        ),
+        (
+            "utc-day",
+            "2027-01-01T00:00:05.000000000Z",
+            "2027-01-01T00:00:05Z",
+        ),
+        (
+            "back",
+            "2026-12-31T23:00:05.000000000Z",
+            "2026-12-31T23:00:05Z",
+        ),
+    ] {
+        let e = by_id(id);
+        assert_eq!(e["ts"], ts, "{id}: {e}");
+        let want =
+            soclink::intel::unix(soclink::incident::record::parse_time(received_about).unwrap())
+                as i64;
+        assert!(
+            (secs(&e, "received") - want).abs() <= 5,
+            "{id}: received {} (expected about {received_about})",
+            e["received"]
+        );
+        assert_eq!(e["hostname"].as_str().map(|h| &h[..2]), Some("fw"));
+    }
+    // Filed by the receive day: everything before midnight UTC under 31 December, the
+    // message after it and the one after the step back under 1 January.
+    let mut days = Vec::new();
+    for (day, n) in batch_days(&agent.state) {
+        days.extend(std::iter::repeat_n(day, n as usize));
+    }
+    let day_of = |id: &str| {
+        let i = evs
+            .iter()
+            .position(|e| String::from_utf8_lossy(&message(e)).starts_with(&format!("id={id} ")))
+            .unwrap();
+        days[i].clone()
+    };
+    for id in ["old", "new", "slow", "fast", "ahead"] {
+        assert_eq!(day_of(id), "2026-12-31", "{id}");
+    }
+    assert_eq!(day_of("utc-day"), "2027-01-01");
+    assert_eq!(
+        day_of("back"),
+        "2027-01-01",
+        "a step back must not reopen the closed day"
+    );
 }

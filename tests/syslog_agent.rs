@@ -106,3 +106,42 @@ fn logger_over_udp_and_tcp_lands_in_the_spool_exactly_once() {
     let e = evs2.iter().find(|e| message(e) == b"tcp lf id=9").unwrap();
     assert_eq!(e["format"], "rfc3164");
 }
+
+/// `check-config` names a misspelt time zone at its line and column (as every config
+/// error), and the real binary accepts an IANA name.
+#[test]
+fn check_config_locates_an_unknown_time_zone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    let src =
+        "[[source]]\nname = \"devices\"\ntype = \"syslog\"\nlisten = [\"udp://127.0.0.1:5514\"]\n";
+    std::fs::write(&cfg, format!("{src}timezone = \"Asia/Taipie\"\n")).unwrap();
+    let out = Command::new(bin())
+        .args(["check-config", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!(
+        "{}:5:12: error: unknown time zone \"Asia/Taipie\"",
+        cfg.display()
+    );
+    assert!(err.contains(&want), "{err}");
+    std::fs::write(&cfg, format!("{src}timezone = \"Asia/Taipei\"\n")).unwrap();
+    let out = Command::new(bin())
+        .args(["check-config", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("read as Asia/Taipei"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

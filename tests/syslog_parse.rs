@@ -30,6 +30,9 @@ fn as_json(p: &Parsed) -> serde_json::Value {
         }
     };
     put("pri", p.pri.map(Into::into));
+    put("version", p.version.filter(|v| *v != 1).map(Into::into));
+    put("clock", p.clock.map(|c| c.as_str().into()));
+    put("sequence", p.sequence.map(Into::into));
     put("facility", p.facility.map(Into::into));
     put("severity", p.severity.map(Into::into));
     put("timestamp", p.timestamp.map(Into::into));

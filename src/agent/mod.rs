@@ -881,5 +881,37 @@ async fn syslog_source(
         batch,
         out,
         stats: Arc::default(),
+        timezone: syslog_zone(name, c),
     })
+}
+
+/// The zone of a syslog source's device timestamps: `timezone`, else the host's. A host
+/// whose zone cannot be found reads them as UTC, and says so, since Taiwanese devices
+/// send UTC+8 and every such event would be 8 hours off.
+fn syslog_zone(name: &str, c: &SyslogSourceConfig) -> jiff::tz::TimeZone {
+    if let Some(tz) = &c.timezone {
+        tracing::info!(
+            source = name,
+            "syslog: device times without a zone are read in {}",
+            tz.iana_name().unwrap_or("the configured zone")
+        );
+        return tz.clone();
+    }
+    match jiff::tz::TimeZone::try_system() {
+        Ok(tz) => {
+            tracing::info!(
+                source = name,
+                "syslog: device times without a zone are read in the host's zone ({})",
+                tz.iana_name().unwrap_or("from /etc/localtime")
+            );
+            tz
+        }
+        Err(e) => {
+            tracing::warn!(
+                source = name,
+                "syslog: the host's time zone cannot be determined ({e}); device times without a zone are read as UTC: set `timezone` in the source (e.g. \"Asia/Taipei\")"
+            );
+            jiff::tz::TimeZone::UTC
+        }
+    }
 }

@@ -152,6 +152,9 @@ pub struct SyslogSourceConfig {
     pub max_message_bytes: u64,
     pub max_connections: usize,
     pub idle_timeout: Duration,
+    /// The zone of device timestamps that carry none (`timezone`, an IANA name);
+    /// None: the host's zone, looked up when the source starts.
+    pub timezone: Option<jiff::tz::TimeZone>,
 }
 
 #[derive(Debug, Clone)]
@@ -321,6 +324,7 @@ struct RawSource {
     max_message_bytes: Option<Spanned<Size>>,
     max_connections: Option<Spanned<i64>>,
     idle_timeout: Option<HumanDuration>,
+    timezone: Option<Spanned<String>>,
     // journald
     directory: Option<PathBuf>,
     units: Option<Vec<String>>,
@@ -347,6 +351,7 @@ const SYSLOG_KEYS: &[&str] = &[
     "max_message_bytes",
     "max_connections",
     "idle_timeout",
+    "timezone",
 ];
 const JOURNALD_KEYS: &[&str] = &["directory", "units", "max_priority", "start_at"];
 
@@ -375,6 +380,7 @@ impl RawSource {
         push(self.max_message_bytes.is_some(), "max_message_bytes");
         push(self.max_connections.is_some(), "max_connections");
         push(self.idle_timeout.is_some(), "idle_timeout");
+        push(self.timezone.is_some(), "timezone");
         push(self.directory.is_some(), "directory");
         push(self.units.is_some(), "units");
         push(self.max_priority.is_some(), "max_priority");
@@ -831,6 +837,23 @@ fn syslog_source(
         },
         None => 1024,
     };
+    let timezone = match &s.timezone {
+        None => None,
+        Some(name) => match jiff::tz::TimeZone::get(name.get_ref()) {
+            Ok(tz) => Some(tz),
+            Err(_) => {
+                p.at(
+                    name.span(),
+                    format!(
+                        "unknown time zone {:?}: use an IANA time zone name such as \"Asia/Taipei\" or \"UTC\" (the zone the devices' clocks are set to)",
+                        name.get_ref()
+                    ),
+                );
+                ok = false;
+                None
+            }
+        },
+    };
     ok.then(|| SyslogSourceConfig {
         listen: listen.iter().map(|l| l.get_ref().clone()).collect(),
         tls_cert: s.tls_cert.clone(),
@@ -839,6 +862,7 @@ fn syslog_source(
         max_message_bytes,
         max_connections,
         idle_timeout: s.idle_timeout.map_or(Duration::from_secs(600), |d| d.0),
+        timezone,
     })
 }
 
@@ -1076,12 +1100,16 @@ impl AgentConfig {
                     ));
                 }
                 SourceKind::Syslog(c) => out.push_str(&format!(
-                    "{} {:?} receives syslog on {} (messages up to {}, at most {} connections)",
+                    "{} {:?} receives syslog on {} (messages up to {}, at most {} connections, device times without a zone read as {})",
                     if i == 0 { "" } else { ";" },
                     s.name,
                     c.listen.join(", "),
                     Size(c.max_message_bytes),
-                    c.max_connections
+                    c.max_connections,
+                    match &c.timezone {
+                        Some(tz) => tz.iana_name().unwrap_or("the configured zone").to_string(),
+                        None => "the host's time zone".to_string(),
+                    }
                 )),
                 SourceKind::Journald(c) => out.push_str(&format!(
                     "{} {:?} reads the systemd journal{}{}{}",
@@ -1413,6 +1441,45 @@ compression_level = 1
         let e = parse_agent(&format!("{src}max_open_files = 0\n")).unwrap_err();
         assert_eq!(e[0].line, 5, "{e:?}");
         assert!(e[0].message.contains("max_open_files"), "{e:?}");
+    }
+
+    #[test]
+    fn syslog_timezone_is_an_iana_name_located_on_error() {
+        let src =
+            "[[source]]\nname = \"devices\"\ntype = \"syslog\"\nlisten = [\"udp://0.0.0.0:514\"]\n";
+        let zone = |c: AgentConfig| match &c.sources[0].kind {
+            SourceKind::Syslog(s) => s.timezone.clone(),
+            _ => panic!("expected a syslog source"),
+        };
+        assert!(
+            zone(parse_agent(src).unwrap()).is_none(),
+            "default: the host's zone"
+        );
+        let c = parse_agent(&format!("{src}timezone = \"Asia/Taipei\"\n")).unwrap();
+        assert!(
+            c.summary()
+                .contains("device times without a zone read as Asia/Taipei"),
+            "{}",
+            c.summary()
+        );
+        assert_eq!(
+            zone(c)
+                .and_then(|z| z.iana_name().map(str::to_string))
+                .as_deref(),
+            Some("Asia/Taipei")
+        );
+        let e = parse_agent(&format!("{src}timezone = \"Asia/Taipie\"\n")).unwrap_err();
+        assert_eq!((e[0].line, e[0].col), (5, 12), "{e:?}");
+        assert!(
+            e[0].message.contains("unknown time zone \"Asia/Taipie\""),
+            "{e:?}"
+        );
+        assert!(e[0].message.contains("\"Asia/Taipei\""), "{e:?}");
+        // Only syslog sources read device times.
+        let file =
+            "[[source]]\nname = \"f\"\ntype = \"file\"\ninclude = [\"/a\"]\ntimezone = \"UTC\"\n";
+        let e = parse_agent(file).unwrap_err();
+        assert!(e[0].message.contains("timezone"), "{e:?}");
     }
 
     #[test]

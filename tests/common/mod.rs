@@ -12,6 +12,16 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_soclink")
 }
 
+/// A tool the test needs is missing: in CI (`CI` set, as `.ci/run` runs) that fails the
+/// test, since `.ci/run` installs every tool the tests use; elsewhere the test is
+/// skipped, saying so loudly. Callers return right after.
+pub fn skip_unless_ci(test: &str, why: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: {why} (CI installs it: see .ci/run and the README's test command)");
+    }
+    eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+}
+
 /// An agent process with its config and state in a temporary directory.
 pub struct AgentProc {
     pub dir: PathBuf,
@@ -661,7 +671,8 @@ pub struct Tmpfs {
 }
 
 impl Tmpfs {
-    /// Needs root (CI runs as root); any failure is a reason to skip, not to fail.
+    /// Needs root (CI runs as root); callers skip on failure outside CI
+    /// ([`skip_unless_ci`]).
     pub fn mount(path: &Path, size: &str) -> Result<Tmpfs, String> {
         let uid = Command::new("id")
             .arg("-u")

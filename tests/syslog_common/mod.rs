@@ -80,6 +80,8 @@ pub async fn start(opts: Opts) -> Running {
         batch: opts.batch,
         out: tx,
         stats: Arc::clone(&stats),
+        // The host's zone, as a source without `timezone` has: `logger` sends local time.
+        timezone: jiff::tz::TimeZone::system(),
     };
     let stop = CancellationToken::new();
     let task = tokio::spawn(source.run(stop.clone()));
@@ -107,9 +109,10 @@ pub fn batch_events(b: &SealedBatch) -> Vec<serde_json::Value> {
         .collect();
     assert_eq!(events.len() as u32, b.events);
     for e in &events {
-        let ts = e["ts"].as_str().unwrap();
-        assert_eq!(&ts[..10], b.day, "a batch never spans two UTC days");
-        assert!(ts.ends_with('Z'));
+        // Filed by the receive time; `ts` is the device's time in UTC.
+        let received = e["received"].as_str().unwrap();
+        assert_eq!(&received[..10], b.day, "a batch never spans two UTC days");
+        assert!(e["ts"].as_str().unwrap().ends_with('Z'));
         assert_eq!(e["host"], HOST);
         assert_eq!(e["source"], SOURCE);
     }

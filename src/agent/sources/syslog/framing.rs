@@ -7,6 +7,10 @@
 //! digits is not mistaken for a count); an octet-counted connection that sends a frame
 //! starting with a non-digit has that one frame read up to its LF, as rsyslog does.
 //!
+//! An octet-counted frame of length 0 is handed on as an empty message (as an empty UDP
+//! datagram is); in LF framing, empty lines between messages are separators (`\r\n\0`
+//! trailers), not messages.
+//!
 //! Invariant: memory per connection is bounded by `max_message_bytes` whatever the
 //! sender declares or sends. A longer message is cut to that size and reported as
 //! truncated; the rest of it is read and discarded (a declared 4 GiB frame costs
@@ -136,8 +140,12 @@ impl Framer {
                         self.overflow = false;
                         self.probing = false;
                         self.framing = Framing::OctetCounted;
-                        // A zero-length frame carries nothing to keep.
+                        // `0 `: a frame the sender declared empty (RFC 6587 requires a
+                        // nonzero count). It is still a message that arrived, like an
+                        // empty UDP datagram: handed on, to be kept as an event with
+                        // `parse_error` ("empty message"), so one rule holds for both.
                         self.state = if value == 0 {
+                            emit(&[], false);
                             State::Start
                         } else {
                             State::Body { remaining: value }
@@ -316,6 +324,14 @@ mod tests {
     fn lf_connection_never_switches_to_counting() {
         let (out, _) = frames(100, &[b"<1>a\n12 not a count\n"]);
         assert_eq!(out, msgs(&[("<1>a", false), ("12 not a count", false)]));
+    }
+
+    /// Regression: an empty TCP frame was dropped while an empty UDP datagram was kept.
+    #[test]
+    fn empty_octet_counted_frame_is_a_message() {
+        let (out, r) = frames(64, &[b"0 3 abc0 "]);
+        assert!(r.is_ok());
+        assert_eq!(out, msgs(&[("", false), ("abc", false), ("", false)]));
     }
 
     #[test]

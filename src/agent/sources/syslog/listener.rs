@@ -20,6 +20,14 @@
 //!
 //! Batches carry `cursor: None`: syslog cannot be replayed, data is acknowledged to the
 //! sender by the kernel only, so what is received is handed on as soon as it is batched.
+//!
+//! Time: each event's `ts` is the device's timestamp mapped to UTC by the connection's
+//! [`DeviceClock`] (the source's `timezone`, the year inferred from the receive time),
+//! `received` the receive time. Batches are filed by the UTC day of the *receive* time,
+//! through the same [`DayFiler`] the file source uses: a late message, or a device whose
+//! clock is hours or days off, never reopens a closed day's store file (its `ts` says
+//! when it happened), and the agent's own clock stepping back across midnight by up to
+//! 12 hours keeps the later day.
 
 use std::io;
 use std::net::SocketAddr;
@@ -35,10 +43,11 @@ use tokio_util::task::TaskTracker;
 
 use super::framing::Framer;
 use super::parse::parse;
-use super::{ListenAddr, Proto, SyslogStats, encode_syslog_event};
+use super::timestamp::{DeviceClock, format_utc};
+use super::{ListenAddr, Proto, SyslogStats, encode_syslog_event_at};
 use crate::agent::sources::SealedBatch;
 use crate::agent::sources::file::BatchLimits;
-use crate::util::{day_of, now_rfc3339};
+use crate::clock::DayFiler;
 
 /// Bytes asked of the kernel per TCP/TLS read (one TLS record). It also bounds a chunk:
 /// the tiniest messages (`<13>a\n`) encode to about 25 times their size.
@@ -126,12 +135,18 @@ pub struct SyslogSource {
     pub batch: BatchLimits,
     pub out: mpsc::Sender<SealedBatch>,
     pub stats: Arc<SyslogStats>,
+    /// The zone of device timestamps that carry none (the source's `timezone`).
+    pub timezone: jiff::tz::TimeZone,
 }
 
 /// The events of one read (or of a few ready datagrams), all with one receive time.
 struct Chunk {
     raw: Vec<u8>,
-    day: String,
+    /// The receive time (RFC 3339, UTC, ns): the batcher files the chunk by its day.
+    received: String,
+    received_at: jiff::Timestamp,
+    /// Scratch for each event's `ts`.
+    ts: String,
     events: u32,
     bytes: u64,
     parse_errors: u64,
@@ -139,10 +154,16 @@ struct Chunk {
 }
 
 impl Chunk {
-    fn new(ts: &str) -> Chunk {
+    /// A chunk received now (the wall clock: `crate::clock`).
+    fn new() -> Chunk {
+        let at = crate::clock::now();
         Chunk {
             raw: Vec::new(),
-            day: day_of(ts).to_string(),
+            received: humantime::format_rfc3339_nanos(at).to_string(),
+            // A wall clock before 1970 or past 9999 (a broken RTC): no device time is
+            // placed relative to it, every `ts` is then the receive time.
+            received_at: jiff::Timestamp::try_from(at).unwrap_or(jiff::Timestamp::MIN),
+            ts: String::new(),
             events: 0,
             bytes: 0,
             parse_errors: 0,
@@ -150,11 +171,23 @@ impl Chunk {
         }
     }
 
-    fn add(&mut self, ctx: &Ctx, ts: &str, peer: &str, msg: &[u8], truncated: bool) {
+    fn add(&mut self, ctx: &Ctx, clock: &mut DeviceClock, peer: &str, msg: &[u8], truncated: bool) {
         let parsed = parse(msg);
-        encode_syslog_event(
+        // A message kept whole (not understood) is not trusted for its time either.
+        let device = parsed
+            .stamp
+            .filter(|_| parsed.parse_error.is_none())
+            .filter(|_| self.received_at != jiff::Timestamp::MIN)
+            .and_then(|st| clock.utc_at(&st, self.received_at));
+        self.ts.clear();
+        match device {
+            Some(t) => format_utc(t, &mut self.ts),
+            None => self.ts.push_str(&self.received),
+        }
+        encode_syslog_event_at(
             &mut self.raw,
-            ts,
+            &self.ts,
+            Some(&self.received),
             &ctx.host,
             &ctx.name,
             peer,
@@ -183,6 +216,7 @@ impl Chunk {
 struct Ctx {
     name: String,
     host: String,
+    zone: jiff::tz::TimeZone,
     limits: SyslogLimits,
     stats: Arc<SyslogStats>,
     tx: mpsc::Sender<Chunk>,
@@ -197,7 +231,8 @@ impl Ctx {
         // The counters travel apart from the bytes, which the batcher takes over.
         let counted = Chunk {
             raw: Vec::new(),
-            day: String::new(),
+            received: String::new(),
+            ts: String::new(),
             ..chunk
         };
         if self.tx.send(chunk).await.is_err() {
@@ -237,6 +272,7 @@ impl SyslogSource {
         let ctx = Arc::new(Ctx {
             name: self.name,
             host: self.host,
+            zone: self.timezone,
             limits: self.limits,
             stats: self.stats,
             tx,
@@ -354,6 +390,7 @@ async fn read_stream<S: AsyncRead + Unpin>(
     stop: &CancellationToken,
 ) -> Result<(), String> {
     let mut framer = Framer::new(ctx.limits.max_message_bytes);
+    let mut clock = DeviceClock::new(ctx.zone.clone());
     let mut buf = vec![0u8; READ_BUF];
     let mut outcome = Ok(());
     loop {
@@ -386,10 +423,9 @@ async fn read_stream<S: AsyncRead + Unpin>(
                 break;
             }
         };
-        let ts = now_rfc3339();
-        let mut chunk = Chunk::new(&ts);
+        let mut chunk = Chunk::new();
         let data = buf.get(..n).unwrap_or_default();
-        let framed = framer.push(data, |m, t| chunk.add(ctx, &ts, peer, m, t));
+        let framed = framer.push(data, |m, t| chunk.add(ctx, &mut clock, peer, m, t));
         if !ctx.send(chunk).await {
             return outcome; // shutting down: the batcher is gone
         }
@@ -399,9 +435,8 @@ async fn read_stream<S: AsyncRead + Unpin>(
         }
     }
     // What arrived is kept, even a last message without its terminator.
-    let ts = now_rfc3339();
-    let mut chunk = Chunk::new(&ts);
-    framer.finish(|m, t| chunk.add(ctx, &ts, peer, m, t));
+    let mut chunk = Chunk::new();
+    framer.finish(|m, t| chunk.add(ctx, &mut clock, peer, m, t));
     ctx.send(chunk).await;
     outcome
 }
@@ -425,13 +460,13 @@ async fn udp_loop(ctx: Arc<Ctx>, sock: UdpSocket, stop: CancellationToken) {
     let mut drops = Throttle::default();
     let mut errors = Throttle::default();
     let mut last_peer: Option<(SocketAddr, String)> = None;
+    let mut clock = DeviceClock::new(ctx.zone.clone());
     loop {
         let first = tokio::select! {
             () = stop.cancelled() => return,
             r = sock.recv_from(&mut buf) => r,
         };
-        let ts = now_rfc3339();
-        let mut chunk = Chunk::new(&ts);
+        let mut chunk = Chunk::new();
         let mut next = first;
         loop {
             match next {
@@ -447,7 +482,7 @@ async fn udp_loop(ctx: Arc<Ctx>, sock: UdpSocket, stop: CancellationToken) {
                     let msg = datagram(buf.get(..n).unwrap_or_default());
                     let cut = msg.len() > max;
                     let msg = msg.get(..msg.len().min(max)).unwrap_or_default();
-                    chunk.add(&ctx, &ts, &peer_str, msg, cut);
+                    chunk.add(&ctx, &mut clock, &peer_str, msg, cut);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
@@ -468,7 +503,8 @@ async fn udp_loop(ctx: Arc<Ctx>, sock: UdpSocket, stop: CancellationToken) {
         let lost = u64::from(chunk.events);
         let counted = Chunk {
             raw: Vec::new(),
-            day: String::new(),
+            received: String::new(),
+            ts: String::new(),
             ..chunk
         };
         match ctx.tx.try_send(chunk) {
@@ -492,7 +528,8 @@ struct Open {
     deadline: Option<tokio::time::Instant>,
 }
 
-/// Owns the open batch: appends chunks, seals on size, delay and UTC day change.
+/// Owns the open batch: appends chunks, seals on size, delay and UTC day change (the
+/// day of the receive time, held by [`DayFiler`] against steps back).
 async fn batcher(
     name: String,
     mut rx: mpsc::Receiver<Chunk>,
@@ -509,6 +546,7 @@ async fn batcher(
         deadline: None,
     };
     let lost = AtomicU64::new(0);
+    let mut filer = DayFiler::default();
     loop {
         let next = match open.deadline {
             Some(d) => tokio::select! {
@@ -521,7 +559,8 @@ async fn batcher(
             None => rx.recv().await,
         };
         let Some(chunk) = next else { break };
-        let day_changed = open.events > 0 && open.day != chunk.day;
+        let day = filer.day(&chunk.received);
+        let day_changed = open.events > 0 && open.day != day;
         if day_changed || (open.events > 0 && open.raw.len() + chunk.raw.len() > max) {
             seal(&name, &mut open, &out, &lost).await;
         }
@@ -530,7 +569,8 @@ async fn batcher(
             // for every batch costs page faults and copies.
             open.raw = crate::pool::batch_buffer();
             open.raw.extend_from_slice(&chunk.raw);
-            open.day = chunk.day;
+            open.day.clear();
+            open.day.push_str(day);
             open.deadline = Some(tokio::time::Instant::now() + limits.max_delay);
         } else {
             open.raw.extend_from_slice(&chunk.raw);
@@ -570,12 +610,80 @@ mod tests {
     fn chunk(day: &str, len: usize) -> Chunk {
         Chunk {
             raw: vec![b'x'; len],
-            day: day.to_string(),
+            received: format!("{day}T12:00:00.000000000Z"),
+            received_at: jiff::Timestamp::UNIX_EPOCH,
+            ts: String::new(),
             events: 1,
             bytes: 0,
             parse_errors: 0,
             truncated: 0,
         }
+    }
+
+    /// A real UDP listener under this thread's fake clock (a current-thread runtime runs
+    /// every task here): the receive time, not the device's, files the batch, with the
+    /// 12-hour hold against a step back; `ts` is the device's time in UTC.
+    #[tokio::test]
+    async fn new_year_in_taipei_device_clock_off_and_day_hold() {
+        let t = |s: &str| humantime::parse_rfc3339(s).unwrap();
+        // 1 January 2027, 00:00:02 in Taipei.
+        let clock = crate::clock::fake::set(t("2026-12-31T16:00:02Z"));
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        let (out, mut batches) = mpsc::channel(8);
+        let source = SyslogSource {
+            name: "devices".into(),
+            host: "agent".into(),
+            listeners: vec![SyslogListen::Udp(sock)],
+            limits: SyslogLimits::default(),
+            batch: BatchLimits {
+                max_bytes: 1 << 20,
+                max_delay: Duration::from_millis(10),
+            },
+            out,
+            stats: Arc::default(),
+            timezone: jiff::tz::TimeZone::get("Asia/Taipei").unwrap(),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(source.run(stop.clone()));
+        let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut send = async |msg: &str| {
+            sender.send_to(msg.as_bytes(), addr).await.unwrap();
+            let b = batches.recv().await.unwrap();
+            let e: serde_json::Value = serde_json::from_slice(&b.raw).unwrap();
+            (b.day, e)
+        };
+
+        // Sent at 23:59:59 on 31 December in Taipei, received 3 s later in the new year.
+        let (day, e) = send("<13>Dec 31 23:59:59 fw app: last of the year").await;
+        assert_eq!(e["ts"], "2026-12-31T15:59:59.000000000Z", "{e}");
+        assert_eq!(e["received"], "2026-12-31T16:00:02.000000000Z");
+        assert_eq!(e["syslog_ts"], "Dec 31 23:59:59");
+        assert_eq!(day, "2026-12-31");
+        // A device 5 hours behind: its own time, in the old year.
+        let (_, e) = send("<13>Dec 31 19:00:02 fw app: slow clock").await;
+        assert_eq!(e["ts"], "2026-12-31T11:00:02.000000000Z", "{e}");
+        // A device 7 hours ahead, in the next year by its clock.
+        let (_, e) = send("<13>Jan  1 07:00:02 fw app: fast clock").await;
+        assert_eq!(e["ts"], "2026-12-31T23:00:02.000000000Z", "{e}");
+        // Without a timestamp, or not understood: the receive time.
+        let (_, e) = send("<13>app: no time").await;
+        assert_eq!(e["ts"], e["received"]);
+        let (_, e) = send("<13>1 2026-12-31T25:00:00Z h a - - - bad hour").await;
+        assert_eq!(e["ts"], e["received"]);
+        assert_eq!(e["parse_error"], "invalid RFC 5424 TIMESTAMP");
+
+        // Midnight UTC passes: the new day. The agent's clock then steps back 2 hours:
+        // still the new day, even for a message whose device time is the old day.
+        clock.jump(8 * 3600);
+        let (day, _) = send("<13>Jan  1 08:00:03 fw app: after midnight UTC").await;
+        assert_eq!(day, "2027-01-01");
+        clock.jump(-2 * 3600);
+        let (day, e) = send("<13>Jan  1 06:00:04 fw app: clock stepped back").await;
+        assert_eq!(day, "2027-01-01", "{e}");
+        assert_eq!(e["received"], "2026-12-31T22:00:02.000000000Z");
+        stop.cancel();
+        task.await.unwrap();
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //!                                                                  └─> batcher ─> SealedBatch
 //! ```
 //!
-//! - [`parse`]: the lenient parser (borrows from the input, never fails, never panics).
+//! - [`parse`]: the parser (borrows from the input, never fails, never panics).
+//! - [`timestamp`]: device timestamps to UTC (the listener's zone, the year inferred).
 //! - [`framing`]: the TCP stream decoder (octet counting or LF, bounded memory).
 //! - [`listener`]: sockets, connection limits, idle timeouts, backpressure, batching.
 //! - here: [`parse_listen`] for `listen` URLs, [`tls_server_config`] for `tls://`
@@ -22,22 +23,28 @@
 //! The event (one line; optional fields only when known):
 //!
 //! ```text
-//! {"ts":"2026-11-26T01:02:03.123456789Z",      // when soclink received it (UTC, ns)
+//! {"ts":"2026-11-26T01:02:03.123456789Z",      // the device's time in UTC (ns); the receive
+//!                                               // time when it sent none or was not understood
+//!  "received":"2026-11-26T01:02:03.200000000Z", // when soclink received it (UTC, ns)
 //!  "host":"agent-01","source":"devices",        // collecting host, configured source name
 //!  "remote_addr":"192.0.2.7:51514",             // the sender's address
 //!  "message":"..." | "message_base64":"...",    // MSG (the whole input if unparsed)
 //!  "facility":"auth","severity":"err",          // from PRI
-//!  "syslog_ts":"Oct 11 22:14:15",               // the timestamp as the device sent it
+//!  "syslog_ts":"Oct 11 09:02:03",               // the timestamp as the device sent it
+//!  "clock":"not_authoritative"|"not_synchronized", // Cisco's `*` / `.` before the time
 //!  "hostname":"..","app":"..","procid":"..","msgid":"..",
+//!  "sequence":"123",                            // Cisco's sequence number
 //!  "sd":"[id k=\"v\"]",                         // raw RFC 5424 structured data
+//!  "version":2,                                 // RFC 5424 VERSION, only when not 1
 //!  "format":"rfc5424"|"rfc3164"|"unknown",
-//!  "parse_error":"...",                         // only when not understood
+//!  "parse_error":"invalid RFC 5424 TIMESTAMP",  // only when not understood: which part
 //!  "truncated":true}                            // only when cut to max_message_bytes
 //! ```
 
 pub mod framing;
 pub mod listener;
 pub mod parse;
+pub mod timestamp;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -46,7 +53,10 @@ use std::sync::atomic::AtomicU64;
 
 pub use framing::{FrameError, Framer, Framing};
 pub use listener::{SyslogLimits, SyslogListen, SyslogSource};
-pub use parse::{Format, Parsed, facility_name, parse, severity_name};
+pub use parse::{
+    ClockState, Format, Parsed, Stamp, StampZone, facility_name, parse, severity_name,
+};
+pub use timestamp::{DeviceClock, format_utc};
 
 use crate::event::{push_json_str, push_message};
 use crate::tls::{TlsError, load_certs, load_key};
@@ -155,7 +165,8 @@ pub fn tls_server_config(
     Ok(Arc::new(config))
 }
 
-/// Append one syslog event (and its newline) to `out`. `ts` is the receive time.
+/// Append one syslog event (and its newline) to `out`, with `ts` as its only time
+/// (callers that have no device clock: tests, fuzzing).
 pub fn encode_syslog_event(
     out: &mut Vec<u8>,
     ts: &str,
@@ -165,8 +176,28 @@ pub fn encode_syslog_event(
     parsed: &Parsed,
     truncated: bool,
 ) {
+    encode_syslog_event_at(out, ts, None, host, source, peer, parsed, truncated);
+}
+
+/// Append one syslog event (and its newline) to `out`: `ts` is the event's time in UTC
+/// (the device's, or the receive time), `received` the receive time.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_syslog_event_at(
+    out: &mut Vec<u8>,
+    ts: &str,
+    received: Option<&str>,
+    host: &str,
+    source: &str,
+    peer: &str,
+    parsed: &Parsed,
+    truncated: bool,
+) {
     out.extend_from_slice(b"{\"ts\":");
-    push_json_str(out, ts);
+    push_time(out, ts);
+    if let Some(r) = received {
+        out.extend_from_slice(b",\"received\":");
+        push_time(out, r);
+    }
     out.extend_from_slice(b",\"host\":");
     push_json_str(out, host);
     out.extend_from_slice(b",\"source\":");
@@ -191,17 +222,37 @@ pub fn encode_syslog_event(
         parsed.severity.and_then(severity_name),
     );
     opt(out, b",\"syslog_ts\":", parsed.timestamp);
+    opt(out, b",\"clock\":", parsed.clock.map(ClockState::as_str));
     opt(out, b",\"hostname\":", parsed.hostname);
     opt(out, b",\"app\":", parsed.app);
     opt(out, b",\"procid\":", parsed.procid);
     opt(out, b",\"msgid\":", parsed.msgid);
+    opt(out, b",\"sequence\":", parsed.sequence);
     opt(out, b",\"sd\":", parsed.structured_data);
+    if let Some(v) = parsed.version.filter(|v| *v != 1) {
+        out.extend_from_slice(b",\"version\":");
+        out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+    }
     opt(out, b",\"format\":", Some(parsed.format.as_str()));
     opt(out, b",\"parse_error\":", parsed.parse_error);
     if truncated {
         out.extend_from_slice(b",\"truncated\":true");
     }
     out.extend_from_slice(b"}\n");
+}
+
+/// A time as a JSON string: RFC 3339 times need no escaping (checked, since callers
+/// may pass anything: the escaping path is taken when it is needed).
+fn push_time(out: &mut Vec<u8>, t: &str) {
+    if t.bytes()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b':' | b'.' | b'+'))
+    {
+        out.push(b'"');
+        out.extend_from_slice(t.as_bytes());
+        out.push(b'"');
+    } else {
+        push_json_str(out, t);
+    }
 }
 
 #[cfg(test)]
