@@ -57,6 +57,9 @@ pub struct IssueParams {
     pub not_before: SystemTime,
     pub not_after: SystemTime,
     pub key: KeyAlg,
+    /// A second subject Common Name after `cn` (tests of the one-identity rule: a
+    /// relay must refuse such a certificate).
+    pub second_common_name: Option<String>,
 }
 
 impl IssueParams {
@@ -70,6 +73,7 @@ impl IssueParams {
             not_before: now - BACKDATE,
             not_after: now + DEV_VALIDITY,
             key: KeyAlg::EcdsaP256,
+            second_common_name: None,
         }
     }
 }
@@ -119,6 +123,13 @@ fn params_for(p: &IssueParams) -> anyhow::Result<CertificateParams> {
         params
             .distinguished_name
             .push(DnType::CommonName, p.cn.as_str());
+    }
+    // rcgen keeps one value per attribute type: a second CN needs CN's OID (2.5.4.3)
+    // as a "custom" type.
+    if let Some(cn) = &p.second_common_name {
+        params
+            .distinguished_name
+            .push(DnType::CustomDnType(vec![2, 5, 4, 3]), cn.as_str());
     }
     // Random serials: rcgen's default derives the serial from the public key, so two
     // certificates for one key (a renewal) would collide, which CRLs cannot tell apart.

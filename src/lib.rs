@@ -12,6 +12,8 @@
 //! - [`reload`]: `soclink agent` as generations: SIGHUP applies a changed config.
 //! - [`protocol`]: the wire frames between agent and relay, with hard limits.
 //! - [`tls`]: rustls configurations from PEM files; identity from certificates.
+//! - [`identity`]: the identity rule (NFC, lower-case ASCII, no invisible characters)
+//!   and the registry that keeps two agents from looking alike.
 //! - [`certs`]: throwaway development certificates (`soclink certs dev`).
 //! - [`ship`]: the agent side of the link: window, acknowledgements, reconnects.
 //! - [`relay`]: the receiving end: TLS server, dedupe, durable store.
@@ -35,6 +37,7 @@ pub mod event;
 pub mod fs;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod identity;
 pub mod incident;
 pub mod intel;
 pub mod ops;

@@ -304,6 +304,9 @@ pub enum ErrorCode {
     Unavailable,
     /// The relay is shutting down; retry later.
     ShuttingDown,
+    /// The relay refuses the certificate's identity (ambiguous, unsafe, or like another
+    /// agent's); retrying does not help until the certificate changes.
+    Forbidden,
     /// A code this build does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,

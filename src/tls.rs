@@ -6,9 +6,10 @@
 //! - the agent always verifies the relay's certificate against the CA *and* the name;
 //! - TLS 1.3 only unless an option explicitly allows TLS 1.2;
 //! - the ring provider is passed explicitly, never taken from process-global state;
-//! - an agent's identity comes from its verified certificate ([`peer_identity`]) and is
-//!   checked to be one safe path component ([`validate_identity`]) before it is used as a
-//!   directory name;
+//! - an agent's identity comes from its verified certificate ([`peer_identity`]): one
+//!   Common Name (or, without one, one DNS name), normalized by
+//!   [`crate::identity::normalize`] and so one safe path component
+//!   ([`validate_identity`]) before it is used as a directory name;
 //! - a failed reload keeps the previous configuration.
 
 use std::io;
@@ -44,6 +45,12 @@ pub enum TlsError {
          or `BEGIN EC PRIVATE KEY` block)"
     )]
     NoKey { path: PathBuf },
+    #[error(
+        "{path}: the private key is readable by other users (mode {mode:04o}); refusing to \
+         use it: `chmod 0640 {path}` (owner root, group of the service) or 0600, and \
+         consider it compromised if others could read it"
+    )]
+    KeyExposed { path: PathBuf, mode: u32 },
     #[error("{path}: no certificate revocation list found (expected `BEGIN X509 CRL`)")]
     NoCrl { path: PathBuf },
     #[error("CA file {path}: certificate #{index} is not usable as a trust anchor: {reason}")]
@@ -68,6 +75,10 @@ pub enum TlsError {
     BadPeerCertificate(String),
     #[error("the peer certificate has neither a subject Common Name nor a DNS name")]
     NoIdentity,
+    #[error("the peer certificate names more than one identity: {0}")]
+    AmbiguousIdentity(String),
+    #[error("the peer certificate's name is refused as an identity: {0}")]
+    Identity(crate::identity::IdentityError),
     #[error("{identity:?} is not usable as a directory name: {reason}")]
     BadIdentity {
         identity: String,
@@ -112,9 +123,37 @@ pub(crate) fn certs_from_pem(
 }
 
 /// Reads the first private key in a PEM file: PKCS#8 (`PRIVATE KEY`), PKCS#1
-/// (`RSA PRIVATE KEY`) or SEC1 (`EC PRIVATE KEY`).
+/// (`RSA PRIVATE KEY`) or SEC1 (`EC PRIVATE KEY`). A key file that users other than
+/// its owner and group may read (or write) is refused ([`TlsError::KeyExposed`]): a
+/// key anyone on the host could copy no longer proves who the agent is.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    key_from_pem(&read_file(path)?, path)
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    // The mode of the very file read (no window between the check and the read).
+    let mut f = std::fs::File::open(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = f
+        .metadata()
+        .map_err(|source| TlsError::Read {
+            path: path.to_owned(),
+            source,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o007 != 0 {
+        return Err(TlsError::KeyExposed {
+            path: path.to_owned(),
+            mode: mode & 0o7777,
+        });
+    }
+    let mut data = Vec::new();
+    f.read_to_end(&mut data).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    key_from_pem(&data, path)
 }
 
 /// [`load_key`] on bytes already read; `path` only names the file in errors.
@@ -287,36 +326,72 @@ pub fn peer_identity(conn: &rustls::ServerConnection) -> Result<String, TlsError
     identity_from_cert(cert)
 }
 
-/// The identity a certificate names: its subject Common Name, else its first DNS
-/// subject alternative name; always checked by [`validate_identity`].
+/// The identity a certificate names, normalized ([`crate::identity::normalize`]).
+///
+/// Which name counts: the subject Common Name when there is one, and then the DNS
+/// subject alternative names play no part (they are how the agent's host is reached,
+/// not who it is; a relay certificate lists several). A certificate with more than one
+/// Common Name is refused: `CN=agency-soc-relay,CN=A12345-web01` would be one agent to
+/// one reader and another agent to the next. Without a Common Name, the certificate must
+/// carry exactly one DNS name, which is the identity.
 pub fn identity_from_cert(der: &CertificateDer<'_>) -> Result<String, TlsError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| TlsError::BadPeerCertificate(e.to_string()))?;
-    let cn = match cert.subject().iter_common_name().next() {
-        Some(attr) => Some(
+    let cns = cert
+        .subject()
+        .iter_common_name()
+        .map(|attr| {
             attr.as_str()
-                .map_err(|e| TlsError::BadPeerCertificate(format!("Common Name: {e}")))?
-                .to_owned(),
-        ),
-        None => None,
-    };
-    let id = match cn {
-        Some(cn) => cn,
-        None => {
+                .map(str::to_owned)
+                .map_err(|e| TlsError::BadPeerCertificate(format!("Common Name: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let raw = match cns.as_slice() {
+        [cn] => cn.clone(),
+        [] => {
             let san = cert
                 .subject_alternative_name()
                 .map_err(|e| TlsError::BadPeerCertificate(e.to_string()))?;
-            san.and_then(|san| {
-                san.value.general_names.iter().find_map(|n| match n {
-                    x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
-                    _ => None,
+            let dns: Vec<String> = san
+                .map(|san| {
+                    san.value
+                        .general_names
+                        .iter()
+                        .filter_map(|n| match n {
+                            x509_parser::extensions::GeneralName::DNSName(d) => {
+                                Some((*d).to_owned())
+                            }
+                            _ => None,
+                        })
+                        .collect()
                 })
-            })
-            .ok_or(TlsError::NoIdentity)?
+                .unwrap_or_default();
+            match dns.as_slice() {
+                [] => return Err(TlsError::NoIdentity),
+                [one] => one.clone(),
+                many => {
+                    return Err(TlsError::AmbiguousIdentity(format!(
+                        "no Common Name and {} DNS names ({}): which one is the agent?",
+                        many.len(),
+                        many.join(", ")
+                    )));
+                }
+            }
+        }
+        many => {
+            return Err(TlsError::AmbiguousIdentity(format!(
+                "{} Common Names ({}): a certificate names one agent",
+                many.len(),
+                many.iter()
+                    .map(|c| format!("{c:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
         }
     };
-    validate_identity(&id)?;
-    Ok(id)
+    // The raw name first, so an unsafe one is reported as the certificate spells it.
+    validate_identity(&raw)?;
+    crate::identity::normalize(&raw).map_err(TlsError::Identity)
 }
 
 /// Checks that an identity is safe as ONE directory name in the relay store.

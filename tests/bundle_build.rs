@@ -55,11 +55,13 @@ fn two_sources(root: &Path) -> (BundleInputs, Vec<(std::path::PathBuf, Vec<u8>)>
             name: "app".into(),
             include: vec![format!("{}/app.log", a.display())],
             exclude: vec![],
+            follow_symlinks: Default::default(),
         },
         FileSourceInput {
             name: "web".into(),
             include: vec![format!("{}/*.log", b.display())],
             exclude: vec![glob::Pattern::new("debug.log").unwrap()],
+            follow_symlinks: Default::default(),
         },
     ];
     (inputs, vec![app, app1, app2, web, web_rot])
@@ -209,6 +211,7 @@ fn size_cap_leaves_members_out_and_says_so() {
         name: "big".into(),
         include: vec![format!("{}/*.log", logs.display())],
         exclude: vec![],
+        follow_symlinks: Default::default(),
     }];
     let cap = 4 << 20;
     let out = dir.path().join("capped.tar.gz");
@@ -403,6 +406,7 @@ fn hostile_file_names_become_safe_member_names() {
         name: "w".into(),
         include: vec![format!("{}/*.log", logs.display())],
         exclude: vec![],
+        follow_symlinks: Default::default(),
     }];
     let out = dir.path().join("w.tar.gz");
     build_bundle(&out, &inc, &inputs, HOUR, 1 << 30).unwrap();
@@ -450,6 +454,7 @@ fn a_file_growing_during_the_build_is_cut_at_its_size_when_opened() {
         name: "busy".into(),
         include: vec![format!("{}", path.display())],
         exclude: vec![],
+        follow_symlinks: Default::default(),
     }];
     let out = dir.path().join("busy.tar.gz");
     build_bundle(&out, &inc, &inputs, HOUR, 1 << 30).unwrap();
@@ -492,6 +497,7 @@ fn thousands_of_left_out_files_are_counted_not_listed_without_end() {
         name: "many".into(),
         include: vec![format!("{}/*.log", logs.display())],
         exclude: vec![],
+        follow_symlinks: Default::default(),
     }];
     let out = dir.path().join("many.tar.gz");
     let summary = build_bundle(&out, &inc, &inputs, 72 * HOUR, 1 << 30).unwrap();

@@ -60,6 +60,7 @@ fn build_and_measure(size: u64) {
         name: "huge".into(),
         include: vec![format!("{}/huge.log", logs.display())],
         exclude: vec![],
+        follow_symlinks: Default::default(),
     }];
     let out = dir.path().join("huge.tar.gz");
     let before = vm_hwm_kib();

@@ -35,6 +35,7 @@ fn good(dir: &Path) -> (PathBuf, Members) {
         name: "auth".into(),
         include: vec![format!("{}/auth.log", logs.display())],
         exclude: vec![],
+        follow_symlinks: Default::default(),
     }];
     let out = dir.join("good.tar.gz");
     build_bundle(&out, &inc, &inputs, HOUR, 1 << 30).unwrap();
@@ -304,6 +305,7 @@ fn rotated_sibling_rule_does_not_take_unrelated_files() {
         name: "s".into(),
         include: vec![format!("{}/app", logs.display())],
         exclude: vec![],
+        follow_symlinks: Default::default(),
     }];
     let out = dir.path().join("s.tar.gz");
     build_bundle(&out, &inc, &inputs, HOUR, 1 << 30).unwrap();

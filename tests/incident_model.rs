@@ -158,6 +158,7 @@ fn open(w: &World) -> Agent {
             journalctl: PathBuf::from("journalctl"),
             host_facts: false,
             now: None,
+            protected: Vec::new(),
         },
         ship: true,
         fs,

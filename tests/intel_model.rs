@@ -130,6 +130,8 @@ fn settings() -> IntelSettings {
             rescan_interval: Duration::from_secs(10),
             rotate_wait: Duration::from_secs(5),
             max_open_files: soclink::config::DEFAULT_MAX_OPEN_FILES,
+            follow_symlinks: Default::default(),
+            protected: Vec::new(),
         },
         max_upload_size: 1 << 20,
         // A few records per segment: acknowledged ones are deleted, as on a busy agent.
@@ -151,6 +153,7 @@ fn open(w: &World) -> Agent {
     .expect("priority spool recovery never fails");
     let handles = AgentHandles {
         id: "agent-1".into(),
+        identity: "agent-1".into(),
         state_dir: w.state.clone(),
         host: "host-1".into(),
         sources: Vec::new(),

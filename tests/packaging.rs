@@ -90,9 +90,16 @@ fn units_agree_with_the_built_in_defaults() {
     };
     let agent = std::fs::read_to_string(unit_path(UNITS[0])).unwrap();
     let relay = std::fs::read_to_string(unit_path(UNITS[1])).unwrap();
-    for (unit, role, state) in [
-        (&agent, "agent", DEFAULT_STATE_DIR),
-        (&relay, "relay", DEFAULT_RELAY_STATE_DIR),
+    // Agent and relay run as different users, each with its own runtime directory.
+    for (unit, role, state, user, runtime) in [
+        (&agent, "agent", DEFAULT_STATE_DIR, "soclink", "soclink"),
+        (
+            &relay,
+            "relay",
+            DEFAULT_RELAY_STATE_DIR,
+            "soclink-relay",
+            "soclink-relay",
+        ),
     ] {
         assert_eq!(directive(unit, "Type").as_deref(), Some("notify"));
         assert_eq!(
@@ -106,7 +113,8 @@ fn units_agree_with_the_built_in_defaults() {
             Some("/bin/kill -HUP $MAINPID")
         );
         assert!(directive(unit, "WatchdogSec").is_some());
-        assert_eq!(directive(unit, "User").as_deref(), Some("soclink"));
+        assert_eq!(directive(unit, "User").as_deref(), Some(user));
+        assert_eq!(directive(unit, "Group").as_deref(), Some(user));
         assert_eq!(directive(unit, "ProtectSystem").as_deref(), Some("strict"));
         // ProtectSystem=strict: the state directory is writable only because it is
         // the unit's StateDirectory.
@@ -119,26 +127,67 @@ fn units_agree_with_the_built_in_defaults() {
         );
         assert_eq!(
             directive(unit, "RuntimeDirectory").as_deref(),
-            Some("soclink")
+            Some(runtime)
         );
+        // No capability by default, for either.
+        assert_eq!(
+            directive(unit, "CapabilityBoundingSet").as_deref(),
+            Some("")
+        );
+        assert_eq!(directive(unit, "AmbientCapabilities").as_deref(), Some(""));
+        // The relay must see callers of its control socket as they are.
+        assert_eq!(directive(unit, "PrivateUsers"), None);
     }
-    for sock in [DEFAULT_CONTROL_SOCKET, DEFAULT_RELAY_CONTROL_SOCKET] {
-        assert_eq!(Path::new(sock).parent(), Some(Path::new("/run/soclink")));
-    }
-    // Only the agent may bind below 1024 (syslog on 514) and read the logs' groups.
     assert_eq!(
-        directive(&agent, "CapabilityBoundingSet").as_deref(),
+        Path::new(DEFAULT_CONTROL_SOCKET).parent(),
+        Some(Path::new("/run/soclink"))
+    );
+    assert_eq!(
+        Path::new(DEFAULT_RELAY_CONTROL_SOCKET).parent(),
+        Some(Path::new("/run/soclink-relay"))
+    );
+    // The agent reads the logs' groups; both give their sockets to the operators.
+    assert_eq!(
+        directive(&agent, "SupplementaryGroups").as_deref(),
+        Some("adm systemd-journal soclink-operators")
+    );
+    assert_eq!(
+        directive(&relay, "SupplementaryGroups").as_deref(),
+        Some("soclink-operators")
+    );
+    // CAP_NET_BIND_SERVICE only through the drop-in a syslog port below 1024 needs,
+    // which is the file the agent names when such a bind fails.
+    let dropin =
+        std::fs::read_to_string(repo().join("packaging/systemd/syslog-low-port.conf")).unwrap();
+    assert_eq!(
+        directive(&dropin, "AmbientCapabilities").as_deref(),
         Some("CAP_NET_BIND_SERVICE")
     );
     assert_eq!(
-        directive(&agent, "SupplementaryGroups").as_deref(),
-        Some("adm systemd-journal")
+        directive(&dropin, "CapabilityBoundingSet").as_deref(),
+        Some("CAP_NET_BIND_SERVICE")
     );
-    assert_eq!(
-        directive(&relay, "CapabilityBoundingSet").as_deref(),
-        Some("")
+    assert!(
+        deb_metadata()["assets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a[1].as_str()
+                == Some(soclink::agent::LOW_PORT_DROPIN_DOC.trim_start_matches('/'))),
+        "the .deb installs the drop-in where the agent says"
     );
-    assert_eq!(directive(&relay, "SupplementaryGroups"), None);
+    // LimitNOFILE fits the default max_connections, the busy answers and the spares.
+    let nofile: u64 = directive(&relay, "LimitNOFILE").unwrap().parse().unwrap();
+    let default = soclink::config::parse_relay("ca = \"c\"\ncert = \"c\"\nkey = \"k\"\n")
+        .unwrap()
+        .max_connections as u64;
+    assert!(
+        nofile
+            >= default
+                + soclink::relay::admission::OVERFLOW_SLOTS as u64
+                + soclink::relay::admission::SPARE_DESCRIPTORS,
+        "LimitNOFILE={nofile} for max_connections={default}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -310,6 +359,10 @@ fn packaged_files() -> BTreeSet<(String, String)> {
         ("/lib/systemd/system/soclink-relay.service", "-rw-r--r--"),
         ("/usr/lib/sysusers.d/soclink.conf", "-rw-r--r--"),
         ("/usr/lib/tmpfiles.d/soclink.conf", "-rw-r--r--"),
+        (
+            "/usr/share/doc/soclink/examples/syslog-low-port.conf",
+            "-rw-r--r--",
+        ),
         ("/etc/soclink/agent.toml", "-rw-r--r--"),
         ("/etc/soclink/relay.toml", "-rw-r--r--"),
         ("/usr/share/doc/soclink/OPERATIONS.md", "-rw-r--r--"),
@@ -404,12 +457,15 @@ fn deb_builds_installs_runs_and_removes() {
     );
     // The shipped agent configuration is valid as it is.
     run(Command::new("/usr/bin/soclink").args(["check-config", "-c", "/etc/soclink/agent.toml"]));
-    // postinst made the user and gave its group (only) the configuration directory.
+    // postinst made both users and the operators' group; the configuration directory
+    // is readable by all (keys in it are protected by their own mode).
     run(Command::new("getent").args(["passwd", "soclink"]));
+    run(Command::new("getent").args(["passwd", "soclink-relay"]));
+    run(Command::new("getent").args(["group", "soclink-operators"]));
     let stat = run(Command::new("stat").args(["-c", "%U:%G %a", "/etc/soclink"]));
     assert_eq!(
         String::from_utf8_lossy(&stat.stdout).trim(),
-        "root:soclink 750"
+        "root:root 755"
     );
     // postinst applies tmpfiles.d where systemd-tmpfiles exists (the units also create
     // these at start through StateDirectory=).
@@ -420,12 +476,13 @@ fn deb_builds_installs_runs_and_removes() {
         tmpfiles || std::env::var_os("CI").is_none(),
         "systemd-tmpfiles is missing (Debian package systemd)"
     );
-    for d in STATE_DIRS.into_iter().filter(|_| tmpfiles) {
+    for (d, owner) in STATE_DIRS
+        .into_iter()
+        .zip(["soclink:soclink 750", "soclink-relay:soclink-relay 750"])
+        .filter(|_| tmpfiles)
+    {
         let stat = run(Command::new("stat").args(["-c", "%U:%G %a", d]));
-        assert_eq!(
-            String::from_utf8_lossy(&stat.stdout).trim(),
-            "soclink:soclink 750"
-        );
+        assert_eq!(String::from_utf8_lossy(&stat.stdout).trim(), owner);
     }
     // ... and enabled nothing: the configuration has no certificates yet.
     for unit in UNITS {

@@ -29,7 +29,7 @@ fn refused_certificates_store_nothing_and_say_why() {
             .issue(&IssueParams::new("intruder", &[], CertKind::Client))
             .unwrap();
         std::fs::write(d.join("c.pem"), &i.cert_pem).unwrap();
-        std::fs::write(d.join("k.pem"), &i.key_pem).unwrap();
+        common::write_key(&d.join("k.pem"), &i.key_pem);
         let cfg =
             soclink::tls::client_config(&pki.ca(), &d.join("c.pem"), &d.join("k.pem")).unwrap();
         let Err(e) = rt.block_on(tls_connect(&relay.address(), cfg)) else {
@@ -125,7 +125,14 @@ fn refused_certificates_store_nothing_and_say_why() {
 fn hostile_peers_do_not_hurt_the_relay_or_other_agents() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
-    let mut relay = RelayProc::new(dir.path(), &pki, "relay", "");
+    let mut relay = RelayProc::new(
+        dir.path(),
+        &pki,
+        "relay",
+        // Every hostile peer here shares 127.0.0.1 with the honest agent; the bound on
+        // one address's unauthenticated sockets has its own test (security_host.rs).
+        "max_unauthenticated_per_address = 1024",
+    );
     relay.start();
     let mut witness = Witness::start(dir.path(), &pki, &relay);
     witness.write(1000);

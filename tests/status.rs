@@ -271,11 +271,17 @@ fn status_without_a_running_agent_exits_1_and_says_so() {
 // The control socket itself
 // ---------------------------------------------------------------------------------------
 
+fn access() -> control::Access {
+    control::Access {
+        operator_group: "soclink-operators".into(),
+    }
+}
+
 /// Echoes `status` requests; knows nothing else.
 struct Echo;
 
 impl Handler for Echo {
-    fn handle(&self, req: Value) -> HandlerFuture<'_> {
+    fn handle(&self, req: Value, _caller: control::Caller) -> HandlerFuture<'_> {
         Box::pin(async move {
             match control::cmd_of(&req) {
                 "status" => Ok(json!({"echo": req})),
@@ -320,7 +326,9 @@ fn start(
     let st = stop.clone();
     let s2 = sock.clone();
     let h = tokio::spawn(async move {
-        control::serve(&s2, Arc::new(Echo), st).await.unwrap();
+        control::serve(&s2, access(), Arc::new(Echo), st)
+            .await
+            .unwrap();
     });
     (sock, stop, h)
 }
@@ -478,16 +486,16 @@ async fn stale_socket_is_replaced_but_a_live_one_and_other_files_are_not() {
         matches!(e, ControlError::NotRunning { .. }),
         "connection refused = not running: {e:?}"
     );
-    let first = control::bind(&sock).await.unwrap();
+    let first = control::bind(&sock, "soclink-operators").await.unwrap();
     let stop = CancellationToken::new();
-    let server = tokio::spawn(control::run(first, Arc::new(Echo), stop.clone()));
+    let server = tokio::spawn(control::run(first, access(), Arc::new(Echo), stop.clone()));
     let v = control::request(&sock, &json!({"cmd": "status"}))
         .await
         .unwrap();
     assert_eq!(v, json!({"echo": {"cmd": "status"}}));
 
     // A second server must not steal the socket of a live one.
-    let e = control::bind(&sock).await.unwrap_err();
+    let e = control::bind(&sock, "soclink-operators").await.unwrap_err();
     assert!(
         format!("{e:#}").contains("another process is serving"),
         "{e:#}"
@@ -502,7 +510,7 @@ async fn stale_socket_is_replaced_but_a_live_one_and_other_files_are_not() {
     // Never delete a regular file that happens to sit at the path.
     let file = tmp.path().join("not-a-socket");
     std::fs::write(&file, b"keep me").unwrap();
-    let e = control::bind(&file).await.unwrap_err();
+    let e = control::bind(&file, "soclink-operators").await.unwrap_err();
     assert!(format!("{e:#}").contains("is not a socket"), "{e:#}");
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
 }
@@ -519,7 +527,7 @@ async fn permission_denied_says_what_to_do() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let sock = tmp.path().join("ctl.sock");
-    let l = control::bind(&sock).await.unwrap();
+    let l = control::bind(&sock, "soclink-operators").await.unwrap();
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o000)).unwrap();
     let e = control::request(&sock, &json!({"cmd": "status"}))
         .await

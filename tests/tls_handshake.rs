@@ -23,8 +23,11 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 const STEP: Duration = Duration::from_secs(10);
 
 fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
     let p = dir.join(name);
     std::fs::write(&p, content).unwrap();
+    // Keys must not be readable by others (soclink refuses them); certificates may be.
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
 }
 
@@ -586,6 +589,11 @@ async fn failed_reload_keeps_the_old_config() {
     std::fs::write(&dev.relay, &relay_cert.cert_pem).unwrap();
     std::fs::remove_file(&dev.relay_key).unwrap();
     std::fs::write(&dev.relay_key, &relay_cert.key_pem).unwrap();
+    {
+        // A new file: give it a key's mode (soclink refuses keys others can read).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dev.relay_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     reloadable.reload().unwrap();
     assert!(!Arc::ptr_eq(&before, &reloadable.current()));
     // The agent does not trust the new relay CA: proof the new files are in use.

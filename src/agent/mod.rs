@@ -476,8 +476,14 @@ impl Agent {
             let figures = crate::ops::metrics::Figures::Agent(ctl.clone()); // metrics
             tokio::spawn(crate::ops::metrics::run(l, figures, shutdown.clone())) // metrics
         });
-        let control_task =
-            crate::ops::control::spawn(cfg.control_socket.clone(), Arc::new(ctl), shutdown.clone());
+        let control_task = crate::ops::control::spawn(
+            cfg.control_socket.clone(),
+            crate::ops::control::Access {
+                operator_group: cfg.operator_group.clone(),
+            },
+            Arc::new(ctl),
+            shutdown.clone(),
+        );
         tracing::info!(
             "agent {:?} started: {} source(s), state in {}",
             cfg.id,
@@ -824,6 +830,9 @@ fn spawn_reload_on_hup(tls: Arc<ReloadableClientConfig>, shutdown: CancellationT
 }
 
 /// Bind a syslog source's listeners (so a port in use fails the start, clearly).
+/// Where the .deb installs the drop-in that grants CAP_NET_BIND_SERVICE.
+pub const LOW_PORT_DROPIN_DOC: &str = "/usr/share/doc/soclink/examples/syslog-low-port.conf";
+
 async fn syslog_source(
     name: &str,
     host: &str,
@@ -841,9 +850,19 @@ async fn syslog_source(
             ),
             _ => None,
         };
-        let bound = SyslogListen::bind(&addr, tls)
-            .await
-            .with_context(|| format!("cannot listen on {l}"))?;
+        let bound = match SyslogListen::bind(&addr, tls).await {
+            Ok(b) => b,
+            // The units grant CAP_NET_BIND_SERVICE only through the drop-in that a
+            // listener below 1024 needs; say so rather than just "permission denied".
+            Err(e)
+                if e.kind() == std::io::ErrorKind::PermissionDenied && addr.addr.port() < 1024 =>
+            {
+                return Err(anyhow::anyhow!(
+                    "cannot listen on {l}: {e}: a port below 1024 needs CAP_NET_BIND_SERVICE; under systemd install the drop-in: `install -D -m 0644 {LOW_PORT_DROPIN_DOC} /etc/systemd/system/soclink-agent.service.d/syslog-low-port.conf && systemctl daemon-reload && systemctl restart soclink-agent` (docs/OPERATIONS.md), or listen on a port of 1024 or more"
+                ));
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot listen on {l}"))),
+        };
         if let Ok(a) = bound.local_addr() {
             tracing::info!(source = name, "syslog listening on {l} ({a})");
         }

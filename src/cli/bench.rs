@@ -110,8 +110,11 @@ pub async fn run_one(
     std::fs::create_dir_all(&dir)?;
     let ca = Ca::new("fan-in bench CA")?;
     let write = |name: &str, s: &str| -> Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
         let p = dir.join(name);
         std::fs::write(&p, s)?;
+        // soclink refuses keys others can read; certificates need no more either.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
         Ok(p)
     };
     let ca_pem = write("ca.pem", &ca.cert_pem)?;

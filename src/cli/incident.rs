@@ -127,22 +127,26 @@ pub fn run_incident(
             return Ok(ExitCode::from(2));
         }
     };
-    let store = IncidentStore::open(&cfg.state_dir)?;
+    // Opened only where needed: an operator declaring through the agent's socket need
+    // not be able to read the agent's state directory.
+    let open_store = || IncidentStore::open(&cfg.state_dir);
     let now = crate::clock::now();
     let mut out = std::io::stdout().lock();
     match &args.cmd {
         IncidentCmd::List => {
+            let store = open_store()?;
             write!(out, "{}", render_list(&store.list()?, now, link))?;
         }
-        IncidentCmd::Show { id } => match store.get(id) {
+        IncidentCmd::Show { id } => match open_store()?.get(id) {
             Ok(inc) => write!(out, "{}", render_show(&inc, now, link))?,
             Err(e @ (IncidentError::NotFound(_) | IncidentError::BadId(_))) => return usage(e),
             Err(e) => return Err(e.into()),
         },
         IncidentCmd::Declare(d) => {
             // Through the running agent when there is one: it records the incident as
-            // its own user and ships it at once. Without it, record locally; the agent
-            // ships it when it starts.
+            // its own user, with the caller's name, and ships it at once. Only when no
+            // agent runs at all is it recorded here, and shipped when the agent starts:
+            // a slow, busy or refusing agent is an error, never a silent local record.
             match declare_via_agent(&cfg.control_socket, d) {
                 Ok(Some(inc)) => {
                     writeln!(
@@ -174,11 +178,22 @@ pub fn run_incident(
                     return Ok(ExitCode::SUCCESS);
                 }
                 Ok(None) => {}
-                Err(e) => {
+                Err(DeclareFailed::Refused(e)) => {
                     eprintln!("error: the agent refused the declaration: {e}");
                     return Ok(ExitCode::from(2));
                 }
+                Err(DeclareFailed::Unreachable(e)) => {
+                    eprintln!(
+                        "error: {e}\nthe incident is NOT recorded. Retry; if the agent stays unreachable, report by other means now{}",
+                        link.center_contact
+                            .as_deref()
+                            .map(|c| format!(" ({c})"))
+                            .unwrap_or_default()
+                    );
+                    return Ok(ExitCode::from(1));
+                }
             }
+            let store = open_store()?;
             let mut req = DeclareRequest::new(d.level, d.summary.clone());
             req.discovered_at = match d.discovered_at.as_deref().map(parse_time).transpose() {
                 Ok(t) => t,
@@ -194,7 +209,7 @@ pub fn run_incident(
             req.affects_other_agencies = d.affects_other_agencies;
             req.affects_critical_infrastructure = d.affects_critical_infrastructure;
             req.drill = d.drill;
-            let inc = match store.declare(req, &cfg.id, &cfg.host) {
+            let inc = match store.declare(req, &crate::identity::of_agent(&cfg), &cfg.host) {
                 Ok(i) => i,
                 Err(e @ (IncidentError::Invalid(_) | IncidentError::InvalidLevel(_))) => {
                     return usage(e);
@@ -268,6 +283,7 @@ pub fn run_incident(
             }
         }
         IncidentCmd::Close(c) => {
+            let store = open_store()?;
             let recovered_at = match c.recovered_at.as_deref().map(parse_time).transpose() {
                 Ok(t) => t.unwrap_or(now),
                 Err(e) => return usage(e),
@@ -314,17 +330,26 @@ pub fn run_bundle(args: &BundleArgs) -> Result<ExitCode> {
     }
 }
 
-/// Ask the running agent to record the incident. `Ok(None)`: no agent answers.
+/// Why a declaration through the agent failed.
+enum DeclareFailed {
+    /// The agent answered no (bad input, or the caller may not declare).
+    Refused(String),
+    /// The agent runs but did not answer (slow, busy, the socket not ours to use).
+    Unreachable(String),
+}
+
+/// Ask the running agent to record the incident. `Ok(None)`: no agent runs (no socket,
+/// or nobody listens on it).
 fn declare_via_agent(
     socket: &Path,
     d: &DeclareArgs,
-) -> Result<Option<crate::incident::record::Incident>, String> {
+) -> Result<Option<crate::incident::record::Incident>, DeclareFailed> {
     let details = match &d.details {
-        Some(p) => read_details(p).map_err(|e| e.to_string())?,
+        Some(p) => read_details(p).map_err(|e| DeclareFailed::Refused(e.to_string()))?,
         None => String::new(),
     };
     if let Some(t) = &d.discovered_at {
-        parse_time(t).map_err(|e| e.to_string())?;
+        parse_time(t).map_err(|e| DeclareFailed::Refused(e.to_string()))?;
     }
     let req = serde_json::json!({
         "cmd": "incident_declare",
@@ -338,18 +363,17 @@ fn declare_via_agent(
         "drill": d.drill,
         "no_bundle": d.no_bundle,
     });
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    else {
-        return Ok(None);
-    };
+        .map_err(|e| DeclareFailed::Unreachable(format!("cannot start the async runtime: {e}")))?;
     match rt.block_on(crate::ops::control::request(socket, &req)) {
         Ok(v) => serde_json::from_value(v)
             .map(Some)
-            .map_err(|e| format!("unexpected answer: {e}")),
-        Err(crate::ops::control::ControlError::Remote(e)) => Err(e),
-        Err(_) => Ok(None),
+            .map_err(|e| DeclareFailed::Unreachable(format!("unexpected answer: {e}"))),
+        Err(crate::ops::control::ControlError::NotRunning { .. }) => Ok(None),
+        Err(crate::ops::control::ControlError::Remote(e)) => Err(DeclareFailed::Refused(e)),
+        Err(e) => Err(DeclareFailed::Unreachable(e.to_string())),
     }
 }
 
@@ -360,6 +384,7 @@ pub fn declare_from_json(
     agent_id: &str,
     host: &str,
     req: &serde_json::Value,
+    declared_by: crate::incident::record::DeclaredBy,
 ) -> Result<serde_json::Value, String> {
     let level = req["level"]
         .as_u64()
@@ -377,6 +402,7 @@ pub fn declare_from_json(
     r.affects_other_agencies = flag("affects_other_agencies");
     r.affects_critical_infrastructure = flag("affects_critical_infrastructure");
     r.drill = flag("drill");
+    r.declared_by = Some(declared_by);
     let store = IncidentStore::open(state_dir).map_err(|e| e.to_string())?;
     let inc = store
         .declare(r, agent_id, host)

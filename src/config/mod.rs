@@ -18,7 +18,12 @@ use crate::util::{HumanDuration, Size, line_col};
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/soclink";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/soclink/control.sock";
 pub const DEFAULT_RELAY_STATE_DIR: &str = "/var/lib/soclink-relay";
-pub const DEFAULT_RELAY_CONTROL_SOCKET: &str = "/run/soclink/relay.sock";
+pub const DEFAULT_RELAY_CONTROL_SOCKET: &str = "/run/soclink-relay/control.sock";
+/// The Unix group whose members may use the control sockets (declare incidents, run
+/// intel now, read status); distinct from the services' own groups.
+pub const DEFAULT_OPERATOR_GROUP: &str = "soclink-operators";
+/// Default bound on connections from one address before their certificate is checked.
+pub const DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS: usize = 64;
 
 /// One problem found in a config file, located by line and column (1-based).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +106,9 @@ pub struct AgentConfig {
     pub host: String,
     pub state_dir: PathBuf,
     pub control_socket: PathBuf,
+    /// Unix group whose members may use the control socket (besides root and the
+    /// agent's own user).
+    pub operator_group: String,
     pub sources: Vec<SourceConfig>,
     pub spool: SpoolSettings,
     pub upstream: Option<UpstreamConfig>,
@@ -184,6 +192,23 @@ pub struct FileSourceConfig {
     /// Descriptor budget: beyond it, files idle at their end are closed and reopened
     /// (checked by inode and fingerprint) when they grow.
     pub max_open_files: usize,
+    /// Whether a symlink the globs match is followed (see crate::sources::guard).
+    pub follow_symlinks: FollowSymlinks,
+    /// Files and directories never read as logs whatever the globs say: the agent's own
+    /// keys, certificates and state. Filled in by `parse_agent`.
+    pub protected: Vec<PathBuf>,
+}
+
+/// `follow_symlinks` of a file source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FollowSymlinks {
+    /// A symlink is never followed (opened with O_NOFOLLOW): the default.
+    #[default]
+    Never,
+    /// A symlink is followed only when its target also matches the source's include
+    /// patterns (and no exclude pattern).
+    WithinIncludes,
 }
 
 /// Default `max_open_files`: half of systemd's default soft `LimitNOFILE` (1024), so one
@@ -217,6 +242,7 @@ struct RawAgent {
     id: Option<Spanned<String>>,
     state_dir: Option<PathBuf>,
     control_socket: Option<PathBuf>,
+    operator_group: Option<Spanned<String>>,
     #[serde(default)]
     source: Vec<Spanned<RawSource>>,
     #[serde(default)]
@@ -289,6 +315,7 @@ struct RawSource {
     rescan_interval: Option<Spanned<HumanDuration>>,
     rotate_wait: Option<HumanDuration>,
     max_open_files: Option<Spanned<i64>>,
+    follow_symlinks: Option<FollowSymlinks>,
     // syslog
     listen: Option<Vec<Spanned<String>>>,
     tls_cert: Option<PathBuf>,
@@ -314,6 +341,7 @@ const FILE_KEYS: &[&str] = &[
     "rescan_interval",
     "rotate_wait",
     "max_open_files",
+    "follow_symlinks",
 ];
 const SYSLOG_KEYS: &[&str] = &[
     "listen",
@@ -344,6 +372,7 @@ impl RawSource {
         push(self.rescan_interval.is_some(), "rescan_interval");
         push(self.rotate_wait.is_some(), "rotate_wait");
         push(self.max_open_files.is_some(), "max_open_files");
+        push(self.follow_symlinks.is_some(), "follow_symlinks");
         push(self.listen.is_some(), "listen");
         push(self.tls_cert.is_some(), "tls_cert");
         push(self.tls_key.is_some(), "tls_key");
@@ -496,10 +525,11 @@ pub fn parse_agent(text: &str) -> Result<AgentConfig, Vec<Problem>> {
         }
     }
     let spool = spool_settings(raw.spool, &mut p);
+    let operator_group = operator_group(raw.operator_group, &mut p);
     let has_upstream = raw.upstream.is_some();
     let upstream = raw.upstream.and_then(|u| upstream(u, &mut p));
     let metrics = metrics_settings(raw.metrics, &mut p);
-    let intel = raw
+    let mut intel = raw
         .intel
         .and_then(|i| intel_settings(i, has_upstream, &mut p));
     let mut incident = IncidentSettings::default();
@@ -529,16 +559,41 @@ pub fn parse_agent(text: &str) -> Result<AgentConfig, Vec<Problem>> {
     if !p.list.is_empty() {
         return Err(p.list);
     }
+    let state_dir = raw
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    // The agent never reads its own secrets or state as logs, whatever the globs say.
+    let mut protected = vec![state_dir.clone()];
+    if let Some(u) = &upstream {
+        protected.extend([u.key.clone(), u.cert.clone(), u.ca.clone()]);
+    }
+    for s in &sources {
+        if let SourceKind::Syslog(y) = &s.kind {
+            protected.extend(
+                [&y.tls_key, &y.tls_cert, &y.tls_ca]
+                    .into_iter()
+                    .flatten()
+                    .cloned(),
+            );
+        }
+    }
+    for s in &mut sources {
+        if let SourceKind::File(f) = &mut s.kind {
+            f.protected = protected.clone();
+        }
+    }
+    if let Some(i) = &mut intel {
+        i.files.protected = protected.clone();
+    }
     Ok(AgentConfig {
         incident,
         id,
         host,
-        state_dir: raw
-            .state_dir
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        state_dir,
         control_socket: raw
             .control_socket
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+        operator_group,
         sources,
         spool,
         upstream,
@@ -611,6 +666,8 @@ fn file_source(
         rescan_interval,
         rotate_wait: s.rotate_wait.map_or(Duration::from_secs(5), |d| d.0),
         max_open_files,
+        follow_symlinks: s.follow_symlinks.unwrap_or_default(),
+        protected: Vec::new(),
     })
 }
 
@@ -715,6 +772,8 @@ fn intel_settings(
             rescan_interval: Duration::from_secs(1),
             rotate_wait: Duration::from_secs(5),
             max_open_files: DEFAULT_MAX_OPEN_FILES,
+            follow_symlinks: FollowSymlinks::Never,
+            protected: Vec::new(),
         },
         max_upload_size,
         staging_segment_size: crate::intel::STAGING_SEGMENT_SIZE,
@@ -866,8 +925,41 @@ fn spool_settings(raw: RawSpool, p: &mut Problems) -> SpoolSettings {
     s
 }
 
+/// A value that goes into a network request verbatim (the CONNECT line, the TLS name)
+/// must hold no control character: CR/LF would let it write headers of its own.
+fn control_char(key: &str, value: &str) -> Option<String> {
+    value.chars().find(|c| c.is_control()).map(|c| {
+        format!(
+            "{key} {value:?} contains the control character U+{:04X}: it would be sent verbatim (e.g. into the proxy's CONNECT request); remove it",
+            c as u32
+        )
+    })
+}
+
 fn upstream(u: Spanned<RawUpstream>, p: &mut Problems) -> Option<UpstreamConfig> {
     let u = u.into_inner();
+    let mut bad = false;
+    if let Some(why) = control_char("upstream.address", u.address.get_ref()) {
+        p.at(u.address.span(), why);
+        bad = true;
+    }
+    if let Some(px) = &u.proxy
+        && let Some(why) = control_char("upstream.proxy", px.get_ref())
+    {
+        p.at(px.span(), why);
+        bad = true;
+    }
+    if let Some(why) = u
+        .server_name
+        .as_deref()
+        .and_then(|n| control_char("upstream.server_name", n))
+    {
+        p.global(why);
+        bad = true;
+    }
+    if bad {
+        return None;
+    }
     let address = u.address.get_ref().clone();
     let Some(host) = host_of(&address) else {
         p.at(
@@ -918,6 +1010,28 @@ fn parse_proxy(s: &str) -> Result<String, String> {
         ));
     }
     Ok(hostport.to_string())
+}
+
+/// `operator_group`: a Unix group name (checked for shape only: the group may be
+/// created after the config is written).
+fn operator_group(raw: Option<Spanned<String>>, p: &mut Problems) -> String {
+    let Some(g) = raw else {
+        return DEFAULT_OPERATOR_GROUP.to_string();
+    };
+    let name = g.get_ref();
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !ok {
+        p.at(
+            g.span(),
+            format!("operator_group {name:?} must be a Unix group name (letters, digits, '_', '-', '.'; at most 32)"),
+        );
+    }
+    g.into_inner()
 }
 
 /// Names that become folder names at the relay must be one safe path component.
@@ -1087,6 +1201,12 @@ pub struct RelayConfig {
     /// other agents. Anyone else can only ever send its own.
     pub trusted_forwarders: Vec<String>,
     pub metrics: MetricsSettings,
+    /// Connections from one IP address that may be in the TLS handshake (not yet
+    /// authenticated) at once; past it, new ones from that address are closed.
+    pub max_unauthenticated_per_address: usize,
+    /// Unix group whose members may use the control socket (besides root and the
+    /// relay's own user).
+    pub operator_group: String,
 }
 
 #[derive(Deserialize)]
@@ -1105,6 +1225,8 @@ struct RawRelay {
     cert: PathBuf,
     key: PathBuf,
     max_connections: Option<Spanned<i64>>,
+    max_unauthenticated_per_address: Option<Spanned<i64>>,
+    operator_group: Option<Spanned<String>>,
     handshake_timeout: Option<HumanDuration>,
     idle_timeout: Option<HumanDuration>,
     max_batch_bytes: Option<Spanned<Size>>,
@@ -1165,6 +1287,20 @@ pub fn parse_relay(text: &str) -> Result<RelayConfig, Vec<Problem>> {
         },
         None => 4096,
     };
+    let max_unauthenticated_per_address = match raw.max_unauthenticated_per_address {
+        Some(m) => match usize::try_from(*m.get_ref()) {
+            Ok(n) if n > 0 => n,
+            _ => {
+                p.at(
+                    m.span(),
+                    "max_unauthenticated_per_address must be a positive number",
+                );
+                1
+            }
+        },
+        None => DEFAULT_MAX_UNAUTHENTICATED_PER_ADDRESS,
+    };
+    let operator_group = operator_group(raw.operator_group, &mut p);
     let max_batch_bytes = raw
         .max_batch_bytes
         .as_ref()
@@ -1200,6 +1336,8 @@ pub fn parse_relay(text: &str) -> Result<RelayConfig, Vec<Problem>> {
         crls: raw.crls,
         trusted_forwarders: raw.trusted_forwarders,
         metrics,
+        max_unauthenticated_per_address,
+        operator_group,
     })
 }
 

@@ -243,6 +243,18 @@ pub struct Incident {
     /// File name of the closing report inside the incident folder.
     #[serde(default)]
     pub closing_report: Option<String>,
+    /// The Unix user who declared it through the control socket (from SO_PEERCRED);
+    /// absent when it was recorded by the CLI without a running agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declared_by: Option<DeclaredBy>,
+}
+
+/// Who declared an incident, as the kernel told the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeclaredBy {
+    /// The user name (NSS), or the uid as a number when it has none.
+    pub user: String,
+    pub uid: u32,
 }
 
 /// How the deadline stands at a given moment.
@@ -322,6 +334,8 @@ pub struct DeclareRequest {
     pub affects_other_agencies: bool,
     pub affects_critical_infrastructure: bool,
     pub drill: bool,
+    /// The caller on the control socket, when declared through it.
+    pub declared_by: Option<DeclaredBy>,
 }
 
 impl DeclareRequest {
@@ -335,6 +349,7 @@ impl DeclareRequest {
             affects_other_agencies: false,
             affects_critical_infrastructure: false,
             drill: false,
+            declared_by: None,
         }
     }
 }
@@ -470,6 +485,11 @@ impl IncidentStore {
         let _guard = self.lock()?;
         let (id, dir) = self.new_id_dir(now)?;
         let drill_note = if req.drill { " (DRILL)" } else { "" };
+        let by_note = req
+            .declared_by
+            .as_ref()
+            .map(|b| format!(", declared by {} (uid {})", b.user, b.uid))
+            .unwrap_or_default();
         let incident = Incident {
             id,
             level: req.level,
@@ -487,10 +507,11 @@ impl IncidentStore {
             timeline: vec![TimelineEvent::new(
                 EventKind::Declared,
                 now,
-                format!("level {}{drill_note}", req.level),
+                format!("level {}{drill_note}{by_note}", req.level),
             )],
             bundle: None,
             closing_report: None,
+            declared_by: req.declared_by,
         };
         self.write(&dir, &incident)?;
         Ok(incident)
@@ -821,6 +842,9 @@ pub fn render_show(inc: &Incident, now: SystemTime, link: &LinkStatus) -> String
     let _ = writeln!(out, "level        {}", inc.level);
     let _ = writeln!(out, "summary      {}", inc.summary);
     let _ = writeln!(out, "host         {} (agent {})", inc.host, inc.agent_id);
+    if let Some(b) = &inc.declared_by {
+        let _ = writeln!(out, "declared by  {} (uid {})", b.user, b.uid);
+    }
     let _ = writeln!(out, "discovered   {}", format_time(inc.discovered_at));
     let _ = writeln!(out, "declared     {}", format_time(inc.declared_at));
     let _ = writeln!(out, "status       {}", status_of(inc, now));

@@ -44,6 +44,9 @@ pub struct VerifyReport {
     pub bytes: u64,
     pub manifest_sha256: String,
     pub incident_id: String,
+    /// `agent.id` of the manifest: who built it (the relay compares it with the
+    /// identity of the certificate that delivered it).
+    pub agent_id: String,
     pub drill: bool,
     pub left_out: u64,
     pub errors: u64,
@@ -362,6 +365,7 @@ fn scan(reader: &mut impl Read, limits: VerifyLimits) -> Result<VerifyReport, Ve
         bytes,
         manifest_sha256: hex(&Sha256::digest(&manifest_bytes)),
         incident_id: manifest.incident.id.clone(),
+        agent_id: manifest.agent.id.clone(),
         drill: manifest.drill,
         left_out: manifest.left_out.len() as u64,
         errors: manifest.errors.len() as u64,

@@ -309,6 +309,8 @@ pub type Upstream = (String, Arc<Mutex<UpstreamStatus>>);
 #[derive(Clone)]
 pub struct AgentHandles {
     pub id: String,
+    /// The identity incidents are recorded under ([`crate::identity::of_agent`]).
+    pub identity: String,
     /// Where incidents declared through the socket are recorded (by the agent's user).
     pub state_dir: std::path::PathBuf,
     pub host: String,
@@ -347,6 +349,7 @@ impl AgentHandles {
     ) -> AgentHandles {
         AgentHandles {
             id: cfg.id.clone(),
+            identity: crate::identity::of_agent(cfg),
             state_dir: cfg.state_dir.clone(),
             host: cfg.host.clone(),
             sources,
@@ -389,6 +392,9 @@ pub fn spawn_relay_control(
     });
     control::spawn(
         cfg.control_socket.clone(),
+        control::Access {
+            operator_group: cfg.operator_group.clone(),
+        },
         Arc::new(RelayControl(h.clone())),
         shutdown,
     );
@@ -586,7 +592,7 @@ impl RelayHandles {
 const COMMANDS: &[&str] = &["status", "incident_declare", "intel_run_now"];
 
 impl Handler for AgentHandles {
-    fn handle(&self, req: Value) -> HandlerFuture<'_> {
+    fn handle(&self, req: Value, caller: control::Caller) -> HandlerFuture<'_> {
         Box::pin(async move {
             match control::cmd_of(&req) {
                 "status" => {
@@ -601,10 +607,17 @@ impl Handler for AgentHandles {
                 "incident_declare" => {
                     // Recorded by the agent itself, so the files belong to its user and
                     // its outbox can update them; the outbox builds the bundle.
-                    let (dir, id, host) =
-                        (self.state_dir.clone(), self.id.clone(), self.host.clone());
+                    let (dir, id, host) = (
+                        self.state_dir.clone(),
+                        self.identity.clone(),
+                        self.host.clone(),
+                    );
+                    let by = crate::incident::record::DeclaredBy {
+                        user: caller.user,
+                        uid: caller.uid,
+                    };
                     tokio::task::spawn_blocking(move || {
-                        crate::cli::incident::declare_from_json(&dir, &id, &host, &req)
+                        crate::cli::incident::declare_from_json(&dir, &id, &host, &req, by)
                     })
                     .await
                     .map_err(|e| format!("declare failed: {e}"))?
@@ -634,7 +647,7 @@ impl Handler for AgentHandles {
 pub struct RelayControl(pub Arc<RelayHandles>);
 
 impl Handler for RelayControl {
-    fn handle(&self, req: Value) -> HandlerFuture<'_> {
+    fn handle(&self, req: Value, _caller: control::Caller) -> HandlerFuture<'_> {
         Box::pin(async move {
             match control::cmd_of(&req) {
                 "status" => {

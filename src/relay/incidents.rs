@@ -71,7 +71,7 @@ pub fn store_item(
             total,
             sha256,
             ..
-        } => store_chunk(&dir, *offset, *total, sha256, payload),
+        } => store_chunk(&dir, agent, *offset, *total, sha256, payload),
         Item::IntelChunk { .. } => Err("an intel item is not an incident item".into()),
     }
 }
@@ -99,6 +99,7 @@ fn inflate_json(payload: &[u8]) -> Result<Vec<u8>, String> {
 
 fn store_chunk(
     dir: &Path,
+    agent: &str,
     offset: u64,
     total: u64,
     sha256: &str,
@@ -122,7 +123,7 @@ fn store_chunk(
         total,
         sha256,
         "bundle",
-        verify,
+        |p| verify(p, agent),
         &fin,
         &dir.join("bundle.tar.gz.rejected"),
         &dir.join("bundle.rejected.txt"),
@@ -214,10 +215,20 @@ pub(crate) fn write_chunk(
         .map_err(|e| e.to_string())
 }
 
-fn verify(path: &Path) -> Result<(), String> {
-    crate::incident::verify::verify_bundle(path)
-        .map(|_| ())
-        .map_err(|e| format!("bundle verification failed: {e}"))
+/// The bundle verifies, and it was built by the agent whose certificate delivered it
+/// (for a forwarded bundle: the agent the trusted forwarder speaks for): an agent
+/// cannot pass off evidence as another agent's.
+fn verify(path: &Path, agent: &str) -> Result<(), String> {
+    let report = crate::incident::verify::verify_bundle(path)
+        .map_err(|e| format!("bundle verification failed: {e}"))?;
+    match crate::identity::normalize(&report.agent_id) {
+        Ok(id) if id == agent => Ok(()),
+        _ => Err(format!(
+            "the bundle's manifest names agent {:?}, but it was delivered as agent {agent:?} \
+             (the identity of its certificate): refused as evidence",
+            report.agent_id
+        )),
+    }
 }
 
 pub fn file_sha256(path: &Path) -> std::io::Result<String> {

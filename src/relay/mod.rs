@@ -3,11 +3,14 @@
 //! - [`server`]: TLS listener, per-connection protocol, verification, acknowledgements.
 //! - [`sink`]: the single writer that makes batches durable (store or forwarding spool).
 //! - [`store`]: the store layout of ARCHITECTURE.md with exactly-once dedupe.
+//! - [`admission`]: per-address limits before authentication, "busy" past
+//!   `max_connections`, and the look-alike check on identities.
 //!
 //! Without `[upstream]` the relay stores what it receives; with it, the relay spools
 //! what it receives and ships it upstream with its own certificate, keeping each
 //! batch's origin (agent, stream, sequence) so the top relay stores it exactly once.
 
+pub mod admission;
 pub mod incidents;
 pub mod intel;
 pub mod server;
@@ -69,6 +72,7 @@ pub async fn run(
         )
         .context("cannot load the relay's TLS certificates")?,
     );
+    admission::fit_descriptors(cfg.max_connections);
     crate::util::create_dir_all_durable(&cfg.state_dir)
         .with_context(|| format!("cannot create state_dir {}", cfg.state_dir.display()))?;
     let _lock = crate::agent::lock_state_dir(&cfg.state_dir)?;
@@ -110,6 +114,29 @@ pub async fn run(
         }
     };
     let peers = Arc::new(Mutex::new(Peers::default()));
+    // Every agent folder already in the store counts: a new identity that looks like
+    // one of them is refused (crate::identity).
+    let (identities, clashes) = match &cfg.upstream {
+        None => crate::identity::Identities::from_store_dir(&cfg.store_dir),
+        Some(_) => (crate::identity::Identities::default(), Vec::new()),
+    };
+    for (a, b) in clashes {
+        tracing::warn!(
+            "the store holds agents {a:?} and {b:?}, whose names look alike; new look-alikes are refused, these two stay as they are"
+        );
+    }
+    let trusted_forwarders = cfg
+        .trusted_forwarders
+        .iter()
+        .filter_map(|f| match crate::identity::normalize(f) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::warn!("trusted_forwarders: {e}; ignored");
+                None
+            }
+        })
+        .collect();
+    let admission = admission::Admission::new(identities, cfg.max_unauthenticated_per_address);
     let server = Arc::new(Server {
         settings: ServerSettings {
             relay_id: cfg.id.clone(),
@@ -117,11 +144,12 @@ pub async fn run(
             handshake_timeout: cfg.handshake_timeout,
             idle_timeout: cfg.idle_timeout,
             max_batch_bytes: cfg.max_batch_bytes,
-            trusted_forwarders: cfg.trusted_forwarders.clone(),
+            trusted_forwarders,
         },
         tls: tls.clone(),
         sink: sink.clone(),
         peers: peers.clone(),
+        admission,
     });
     for l in &listeners {
         if let Ok(a) = l.local_addr() {

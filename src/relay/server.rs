@@ -2,9 +2,10 @@
 //! hands it to the sink (the store, or the forwarding spool), and acknowledges it once
 //! the sink made it durable.
 //!
-//! Per connection: a permit from the connection semaphore before accept (bounded
-//! connections), a handshake timeout, an idle timeout, frame limits, and bounded
-//! inflation. A bad or hostile connection is closed with an `Error` frame and logged;
+//! Per connection: a slot of its source address while unauthenticated and a permit
+//! of the connection semaphore (past `max_connections`: answered busy at once; see
+//! [`super::admission`]), a handshake timeout, an identity that looks like no other
+//! agent's, an idle timeout, frame limits, and bounded inflation. A bad or hostile connection is closed with an `Error` frame and logged;
 //! nothing it does reaches other connections except through the shared writer, which
 //! only ever sees verified batches.
 //!
@@ -23,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::admission::{Admission, BUSY_RETRY_SECS, OVERFLOW_SLOTS, Unauthenticated};
 use super::sink::{Sink, WriteReq, WriteResult};
 use crate::protocol::{
     self, Ack, ErrorCode, ErrorFrame, Frame, HelloAck, Limits, Refuse, ResumePoint,
@@ -64,6 +66,8 @@ pub struct Server {
     pub tls: Arc<ReloadableServerConfig>,
     pub sink: Sink,
     pub peers: Arc<Mutex<Peers>>,
+    /// Per-address and identity checks (see [`super::admission`]).
+    pub admission: Arc<Admission>,
 }
 
 impl Server {
@@ -90,13 +94,11 @@ impl Server {
         permits: Arc<Semaphore>,
         shutdown: CancellationToken,
     ) {
+        let overflow = Arc::new(Semaphore::new(OVERFLOW_SLOTS));
+        let warn = crate::util::LogLimiter::default();
         loop {
-            // The permit is taken before accept: when full, new connections wait in the
-            // kernel's backlog instead of costing memory here.
-            let permit = tokio::select! {
-                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                _ = shutdown.cancelled() => return,
-            };
+            // Accept first and decide after: a full relay answers "busy" at once instead
+            // of leaving agents in the kernel's backlog until their connect times out.
             let (tcp, addr) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(x) => x,
@@ -108,22 +110,68 @@ impl Server {
                 },
                 _ = shutdown.cancelled() => return,
             };
+            let Some(pending) = self.admission.unauthenticated(addr.ip()) else {
+                if let Some(repeated) = warn.check(&format!("unauth {}", addr.ip())) {
+                    tracing::warn!(peer = %addr, "closing: {} connections from this address are already waiting for their TLS handshake (max_unauthenticated_per_address){repeated}", self.admission.pending(addr.ip()));
+                }
+                continue;
+            };
+            let permit = match permits.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    if let Some(repeated) = warn.check("busy") {
+                        tracing::warn!(peer = %addr, "all {} connections (max_connections) are in use: answering busy{repeated}", self.settings.max_connections);
+                    }
+                    if let Ok(slot) = overflow.clone().try_acquire_owned() {
+                        let me = self.clone();
+                        tokio::spawn(async move {
+                            let _slot = slot;
+                            let _pending = pending;
+                            me.busy(tcp).await;
+                        });
+                    }
+                    continue;
+                }
+            };
             let me = self.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let _ = tcp.set_nodelay(true);
-                if let Err(e) = me.connection(tcp, addr, shutdown).await {
+                if let Err(e) = me.connection(tcp, addr, pending, shutdown).await {
                     tracing::info!(peer = %addr, "connection closed: {e:#}");
                 }
             });
         }
     }
 
+    /// Past `max_connections`: the handshake, then `Error(Unavailable)` with a retry
+    /// hint, all within a short bound (a busy relay spends little on the overflow).
+    async fn busy(&self, tcp: tokio::net::TcpStream) {
+        let bound = self.settings.handshake_timeout.min(Duration::from_secs(3));
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.current());
+        let _ = tokio::time::timeout(bound, async {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let (rd, mut wr) = tokio::io::split(tls);
+            let mut rd = BufReader::new(rd);
+            let _ = protocol::read_frame(&mut rd, &Limits::default()).await;
+            let msg = format!(
+                "relay busy: all {} connections (max_connections) are in use; retry in about {BUSY_RETRY_SECS} s",
+                self.settings.max_connections
+            );
+            let _ = protocol::write_frame(&mut wr, &error(ErrorCode::Unavailable, msg)).await;
+            let _ = wr.shutdown().await;
+        })
+        .await;
+    }
+
     async fn connection(
         &self,
         tcp: tokio::net::TcpStream,
         addr: SocketAddr,
+        pending: Unauthenticated,
         shutdown: CancellationToken,
     ) -> Result<()> {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.current());
@@ -140,13 +188,33 @@ impl Server {
                 return Ok(());
             }
         };
-        let identity = match crate::tls::peer_identity(tls.get_ref().1) {
+        let identity = crate::tls::peer_identity(tls.get_ref().1).and_then(|id| {
+            self.admission
+                .identities
+                .admit(&id)
+                .map(|()| id)
+                .map_err(crate::tls::TlsError::Identity)
+        });
+        let identity = match identity {
             Ok(id) => id,
             Err(e) => {
                 tracing::warn!(peer = %addr, "refusing client: {e}");
+                // Tell the agent why (its status shows it), after its Hello so that
+                // closing does not reset the connection under the answer.
+                let (rd, mut wr) = tokio::io::split(tls);
+                let mut rd = BufReader::new(rd);
+                let _ = tokio::time::timeout(
+                    self.settings.handshake_timeout,
+                    protocol::read_frame(&mut rd, &Limits::default()),
+                )
+                .await;
+                let msg = format!("the relay refuses this certificate's identity: {e}");
+                let _ = protocol::write_frame(&mut wr, &error(ErrorCode::Forbidden, msg)).await;
+                let _ = wr.shutdown().await;
                 return Ok(());
             }
         };
+        drop(pending);
         let forwarder = self.settings.trusted_forwarders.contains(&identity);
         let (rd, mut wr) = tokio::io::split(tls);
         let mut rd = BufReader::with_capacity(256 << 10, rd);
@@ -304,7 +372,27 @@ impl Server {
                     // speak for another agent.
                     let (agent, stream, seq) = match (&h.origin, forwarder) {
                         (None, _) => (identity.to_string(), h.stream.clone(), h.seq),
-                        (Some(o), true) => (o.agent.clone(), o.stream.clone(), o.seq),
+                        (Some(o), true) => match crate::identity::normalize(&o.agent) {
+                            Ok(agent) => {
+                                if let Err(e) = self.admission.identities.admit(&agent) {
+                                    // Refusing would stall every agent behind this
+                                    // forwarder; the relay the agent connects to enforces it.
+                                    tracing::warn!(agent = %identity, "forwarded agent: {e}");
+                                }
+                                (agent, o.stream.clone(), o.seq)
+                            }
+                            Err(e) => {
+                                let msg = format!("forwarded agent name refused: {e}");
+                                tracing::warn!(agent = %identity, "{msg}");
+                                let _ = otx
+                                    .send(Outgoing::Frame(Box::new(error(
+                                        ErrorCode::BatchRejected,
+                                        msg.clone(),
+                                    ))))
+                                    .await;
+                                break Err(anyhow::anyhow!(msg));
+                            }
+                        },
                         (Some(o), false) => {
                             let msg = format!(
                                 "{identity:?} is not a trusted forwarder and may not send batches of agent {:?}",

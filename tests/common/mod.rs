@@ -284,9 +284,16 @@ impl Pki {
         let cert = self.dir.join(format!("{name}.pem"));
         let key = self.dir.join(format!("{name}-key.pem"));
         std::fs::write(&cert, &i.cert_pem).unwrap();
-        std::fs::write(&key, &i.key_pem).unwrap();
+        write_key(&key, &i.key_pem);
         (cert, key)
     }
+}
+
+/// A private key file as soclink accepts it: readable by its owner only.
+pub fn write_key(path: &Path, pem: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, pem).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 /// A free loopback port (bound and released; good enough for tests).

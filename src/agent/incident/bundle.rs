@@ -12,7 +12,7 @@
 //!     incident: Incident,                the record as declared
 //!     size_cap: u64,
 //!     members: [ { path, size, sha256, kind: file|journal|host, source?, original_path?,
-//!                  mtime?, first?, last?, note? } ],
+//!                  target?, mtime?, first?, last?, note? } ],
 //!     left_out: [ { path, size?, reason } ],
 //!     errors:   [ { what, error } ],
 //! }
@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::hostfacts;
+use crate::agent::sources::guard::{Opened, ReadGuard, Refused};
 use crate::config::{AgentConfig, SourceKind};
 use crate::incident::record::{Incident, format_time, rfc3339};
 use crate::incident::{MANIFEST_NAME, MAX_MANIFEST_BYTES, MAX_MEMBERS, MAX_NAME_BYTES, hex};
@@ -81,6 +82,8 @@ pub struct FileSourceInput {
     pub name: String,
     pub include: Vec<String>,
     pub exclude: Vec<glob::Pattern>,
+    /// The source's symlink policy (crate::sources::guard), the same as when tailing.
+    pub follow_symlinks: crate::config::FollowSymlinks,
 }
 
 /// A journald source as the bundle sees it.
@@ -105,6 +108,9 @@ pub struct BundleInputs {
     pub host_facts: bool,
     /// End of the window; None: now.
     pub now: Option<SystemTime>,
+    /// The agent's own keys, certificates and state: never bundled, whatever the
+    /// sources' globs match.
+    pub protected: Vec<PathBuf>,
 }
 
 impl BundleInputs {
@@ -118,19 +124,24 @@ impl BundleInputs {
             journalctl: PathBuf::from("journalctl"),
             host_facts: true,
             now: None,
+            protected: Vec::new(),
         }
     }
 
     /// The file and journald sources of an agent configuration.
     pub fn from_config(cfg: &AgentConfig) -> BundleInputs {
-        let mut inputs = BundleInputs::new(&cfg.id, &cfg.host);
+        let mut inputs = BundleInputs::new(&crate::identity::of_agent(cfg), &cfg.host);
         for s in &cfg.sources {
             match &s.kind {
-                SourceKind::File(f) => inputs.file_sources.push(FileSourceInput {
-                    name: s.name.clone(),
-                    include: f.include.clone(),
-                    exclude: f.exclude.clone(),
-                }),
+                SourceKind::File(f) => {
+                    inputs.protected.clone_from(&f.protected);
+                    inputs.file_sources.push(FileSourceInput {
+                        name: s.name.clone(),
+                        include: f.include.clone(),
+                        exclude: f.exclude.clone(),
+                        follow_symlinks: f.follow_symlinks,
+                    })
+                }
                 SourceKind::Journald(j) => inputs.journal_sources.push(JournalSourceInput {
                     name: s.name.clone(),
                     directory: j.directory.clone(),
@@ -180,6 +191,10 @@ pub struct ManifestMember {
     pub source: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_path: Option<String>,
+    /// Where `original_path` really led when it differs (a symlink followed under
+    /// `follow_symlinks = "within_includes"`, or a link in the pattern's literal part).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtime: Option<String>,
     /// Journal members: first and last entry time.
@@ -338,6 +353,10 @@ struct Candidate {
     source: String,
     path: PathBuf,
     mtime: SystemTime,
+    /// Index of its source's guard.
+    guard: usize,
+    /// Matched by the globs (else a rotated sibling of a matched file).
+    matched: bool,
 }
 
 /// Regular files of each directory seen, names sorted: listed once per directory, so
@@ -570,6 +589,7 @@ impl Writer {
             kind,
             source: None,
             original_path: None,
+            target: None,
             mtime: None,
             first: None,
             last: None,
@@ -578,17 +598,28 @@ impl Writer {
         Ok(())
     }
 
-    fn add_file(&mut self, c: &Candidate) -> Result<(), BundleError> {
+    fn add_file(&mut self, c: &Candidate, guard: &ReadGuard) -> Result<(), BundleError> {
         let name = self.unique_name(format!(
             "files/{}/{}",
             sanitize_path(Path::new(&c.source)),
             sanitize_path(&c.path)
         ));
         let shown = c.path.display().to_string();
-        let file = match File::open(&c.path) {
-            Ok(f) => f,
-            Err(e) => {
+        let opened = if c.matched {
+            guard.open(&c.path)
+        } else {
+            guard
+                .open_known(&c.path)
+                .map(|file| Opened { file, target: None })
+        };
+        let (file, target) = match opened {
+            Ok(o) => (o.file, o.target.map(|t| t.display().to_string())),
+            Err(Refused::Io(e)) => {
                 self.error(format!("opening {shown}"), e.to_string());
+                return Ok(());
+            }
+            Err(e) => {
+                self.leave_out(&shown, None, e.to_string(), true);
                 return Ok(());
             }
         };
@@ -630,6 +661,7 @@ impl Writer {
             kind: MemberKind::File,
             source: Some(c.source.clone()),
             original_path: Some(shown),
+            target,
             mtime: Some(format_time(mtime)),
             first: None,
             last: None,
@@ -718,6 +750,7 @@ impl Writer {
             kind: MemberKind::Journal,
             source: Some(src.name.clone()),
             original_path: src.directory.as_ref().map(|d| d.display().to_string()),
+            target: None,
             mtime: None,
             first: stats.first_us.map(micros),
             last: stats.last_us.map(micros),
@@ -973,23 +1006,41 @@ fn fill(
     let mut seen_inodes = HashSet::new();
     let mut candidates = Vec::new();
     let mut listings = DirListings::default();
-    for src in &inputs.file_sources {
+    let guards: Vec<ReadGuard> = inputs
+        .file_sources
+        .iter()
+        .map(|s| ReadGuard::new(&s.include, &s.exclude, s.follow_symlinks, &inputs.protected))
+        .collect();
+    for (gi, src) in inputs.file_sources.iter().enumerate() {
         let mut paths = Vec::new();
         for p in crate::agent::sources::file::expand(&src.include, &src.exclude) {
             let siblings = listings.rotated_siblings(&p);
-            paths.push(p);
+            paths.push((p, true));
             paths.extend(
                 siblings
                     .into_iter()
-                    .filter(|s| !is_excluded(s, &src.exclude)),
+                    .filter(|s| !is_excluded(s, &src.exclude))
+                    .map(|s| (s, false)),
             );
         }
-        for path in paths {
-            let meta = match fs::metadata(&path) {
-                Ok(m) if m.is_file() => m,
-                Ok(_) => continue,
-                Err(e) => {
+        for (path, matched) in paths {
+            // The guard first: a refused path is named in the manifest, not mistaken
+            // for another name of a file it points to.
+            let guard = &guards[gi];
+            let opened = if matched {
+                guard.open(&path).map(|o| o.file)
+            } else {
+                guard.open_known(&path)
+            };
+            let meta = match opened.map(|f| f.metadata()) {
+                Ok(Ok(m)) if m.is_file() => m,
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) | Err(Refused::Io(e)) => {
                     w.error(format!("stat {}", path.display()), e.to_string());
+                    continue;
+                }
+                Err(e) => {
+                    w.leave_out(&path.display().to_string(), None, e.to_string(), true);
                     continue;
                 }
             };
@@ -1013,12 +1064,16 @@ fn fill(
                 source: src.name.clone(),
                 path,
                 mtime,
+                guard: gi,
+                matched,
             });
         }
     }
     candidates.sort_by(|a, b| b.mtime.cmp(&a.mtime).then(a.path.cmp(&b.path)));
     for c in &candidates {
-        w.add_file(c)?;
+        // `c.guard` is an index from enumerating `inputs.file_sources`, which `guards`
+        // mirrors one to one.
+        w.add_file(c, &guards[c.guard])?;
     }
     Ok(())
 }

@@ -139,7 +139,15 @@ fn processes() -> Result<Vec<u8>, String> {
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect();
     pids.sort_unstable();
-    let mut out = String::from("PID\tUID\tNAME\tCMDLINE\n");
+    let mut out = String::new();
+    // An analyst must know when the list cannot be whole (systemd's ProtectProc=).
+    if let Some(note) = fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|m| proc_hidden(&m))
+    {
+        let _ = writeln!(out, "# PARTIAL: {note}");
+    }
+    out.push_str("PID\tUID\tNAME\tCMDLINE\n");
     for pid in pids.into_iter().take(MAX_PROCESSES) {
         // A process may exit between listing and reading: skip it quietly.
         let Ok(status) = read_small(&format!("/proc/{pid}/status")) else {
@@ -172,6 +180,36 @@ fn processes() -> Result<Vec<u8>, String> {
         }
     }
     Ok(out.into_bytes())
+}
+
+/// Why `/proc` (as mounted for this process, from `/proc/self/mountinfo`) may hide
+/// other processes: its `hidepid=` option, which systemd's `ProtectProc=invisible` (or
+/// `noaccess`, `ptraceable`) sets. `None` when every process is visible.
+pub fn proc_hidden(mountinfo: &str) -> Option<String> {
+    mountinfo.lines().find_map(|l| {
+        // `id parent major:minor root mountpoint opts [optional...] - fstype source super`
+        let (left, right) = l.split_once(" - ")?;
+        if left.split(' ').nth(4)? != "/proc" {
+            return None;
+        }
+        let mut r = right.split(' ');
+        if r.next()? != "proc" {
+            return None;
+        }
+        let sup = r.nth(1)?;
+        let hide = sup
+            .split(',')
+            .find_map(|o| o.strip_prefix("hidepid="))
+            .filter(|v| !matches!(*v, "0" | "off"))?;
+        Some(format!(
+            "/proc is mounted with hidepid={hide} (systemd ProtectProc=): processes of other users that this service ({}) may not trace are not listed",
+            if nix::unistd::geteuid().is_root() {
+                "running as root, so few if any are hidden"
+            } else {
+                "not running as root"
+            }
+        ))
+    })
 }
 
 /// Run a command for its stdout, bounded in time and size; not found, failed or timed
@@ -217,4 +255,18 @@ pub fn run_bounded(program: &str, args: &[&str]) -> Result<Vec<u8>, String> {
         return Err(format!("{program} {}: {status}", args.join(" ")));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hidepid_is_noticed() {
+        let plain = "22 27 0:20 / /proc rw,nosuid,nodev,noexec,relatime shared:13 - proc proc rw\n";
+        assert_eq!(proc_hidden(plain), None);
+        let hidden = "22 27 0:20 / /sys rw shared:7 - sysfs sysfs rw\n\
+                      1204 1187 0:20 / /proc rw,nosuid,nodev,noexec,relatime - proc proc rw,hidepid=invisible,subset=pid\n";
+        assert!(proc_hidden(hidden).unwrap().contains("hidepid=invisible"));
+    }
 }

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::SealedBatch;
 use super::checkpoint::FilePos;
+use super::guard::ReadGuard;
 use crate::config::{FileSourceConfig, StartAt};
 use crate::event::{FilePrefix, encode_file_line};
 use crate::util::now_rfc3339;
@@ -76,7 +77,8 @@ pub struct BatchLimits {
     pub max_delay: Duration,
 }
 
-/// Expand include globs, drop excluded paths; only regular files (symlinks followed).
+/// Expand include globs, drop excluded paths; only regular files (a symlink to one is
+/// listed: whether it is read is for [`ReadGuard::open`] to say).
 pub fn expand(include: &[String], exclude: &[glob::Pattern]) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
@@ -193,6 +195,8 @@ pub struct FileSource {
     /// A file that cannot be opened or read fails again at every rescan: warn once a
     /// minute per file, not every few hundred milliseconds.
     warn: crate::util::LogLimiter,
+    /// What may be opened as a log (symlink policy, the agent's own files).
+    guard: Arc<ReadGuard>,
 }
 
 impl FileSource {
@@ -207,7 +211,14 @@ impl FileSource {
         stop: CancellationToken,
         stats: Arc<SourceStats>,
     ) -> FileSource {
+        let guard = Arc::new(ReadGuard::new(
+            &cfg.include,
+            &cfg.exclude,
+            cfg.follow_symlinks,
+            &cfg.protected,
+        ));
         FileSource {
+            guard,
             name,
             host,
             cfg,
@@ -301,6 +312,7 @@ impl FileSource {
             .filter_map(|p| glob::Pattern::new(p).ok())
             .collect();
         let exclude = self.cfg.exclude.clone();
+        let guard = self.guard.clone();
         let mut watcher = match notify::recommended_watcher(
             move |res: notify::Result<notify::Event>| {
                 // Truncation shows up as a data write too: the periodic rescan catches it.
@@ -328,16 +340,17 @@ impl FileSource {
                             {
                                 continue;
                             }
-                            match File::open(&p) {
+                            match guard.open(&p) {
                                 // A full queue drops the descriptor: the rescan the wake-up
                                 // below triggers opens the file instead.
-                                Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => {
-                                    let _ = early.try_send((p, f));
+                                Ok(o) if o.file.metadata().is_ok_and(|m| m.is_file()) => {
+                                    let _ = early.try_send((p, o.file));
                                 }
                                 Ok(_) => {}
-                                Err(e) if created && e.kind() == std::io::ErrorKind::NotFound => {
+                                Err(e) if created && e.is_not_found() => {
                                     stats.vanished.fetch_add(1, Ordering::Relaxed);
                                 }
+                                // Refusals are counted and logged by the rescan.
                                 Err(_) => {}
                             }
                         }
@@ -386,6 +399,10 @@ impl FileSource {
         let matched = expand(&self.cfg.include, &self.cfg.exclude);
         let mut seen: HashSet<Key> = HashSet::new();
         for path in matched {
+            if let Some(e) = self.guard.refuses_link(&path) {
+                self.refused(&path, &e);
+                continue;
+            }
             let Ok(meta) = std::fs::metadata(&path) else {
                 continue;
             };
@@ -494,7 +511,7 @@ impl FileSource {
     /// truncation) is checked by `verify_identity` before the next read.
     fn reopen(&mut self, key: Key, p: Parked) {
         let same = |f: &File| f.metadata().is_ok_and(|m| (m.dev(), m.ino()) == key);
-        if let Ok(file) = File::open(&p.seen_at)
+        if let Ok(file) = self.guard.open_known(&p.seen_at)
             && same(&file)
         {
             let at = p.seen_at.clone();
@@ -503,7 +520,7 @@ impl FileSource {
         }
         let dir = p.seen_at.parent().unwrap_or(Path::new("/")).to_path_buf();
         if let Some((_, found, _)) = list_files(&dir).into_iter().find(|(k, _, _)| *k == key)
-            && let Ok(file) = File::open(&found)
+            && let Ok(file) = self.guard.open_known(&found)
             && same(&file)
         {
             self.track(file, p.path, found, key, p.fp_len, p.fp, p.offset, false);
@@ -573,19 +590,26 @@ impl FileSource {
 
     fn open_new(&mut self, path: &Path, key: Key, len: u64) {
         let key_open = format!("open {}", path.display());
-        let file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return, // renamed or deleted since the glob saw it
-            Err(e) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                if let Some(repeated) = self.warn.check(&key_open) {
-                    tracing::warn!(source = %self.name, path = %path.display(), "cannot open: {e}{repeated}");
+        let file = match self.guard.open(path) {
+            Ok(o) => {
+                if let Some(t) = &o.target {
+                    tracing::debug!(source = %self.name, path = %path.display(), target = %t.display(), "reading through a symlink (follow_symlinks = \"within_includes\")");
                 }
-                return;
+                o.file
             }
+            Err(e) if e.is_not_found() => return, // renamed or deleted since the glob saw it
+            Err(e) => return self.refused(path, &e),
         };
         self.warn.clear(&key_open);
         self.open_with(path, key, len, file);
+    }
+
+    /// A matched path that is not read: counted as an error, warned once a minute.
+    fn refused(&mut self, path: &Path, e: &dyn std::fmt::Display) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(repeated) = self.warn.check(&format!("open {}", path.display())) {
+            tracing::warn!(source = %self.name, path = %path.display(), "cannot open: {e}{repeated}");
+        }
     }
 
     fn open_with(&mut self, path: &Path, key: Key, len: u64, file: File) {
@@ -683,7 +707,7 @@ impl FileSource {
                 tracing::warn!(source = %self.name, path = %pos.path, offset = pos.offset, "a checkpointed file is gone (deleted or compressed while the agent was down); any lines written to it after that offset were not collected");
                 continue;
             };
-            let Ok(file) = File::open(&found_path) else {
+            let Ok(file) = self.guard.open_known(&found_path) else {
                 continue;
             };
             if !fp_matches(&file, pos.fp_len, pos.fp) || len < pos.offset {
@@ -782,7 +806,7 @@ impl FileSource {
             if k == key || self.files.contains_key(&k) || len < offset {
                 continue;
             }
-            let Ok(file) = File::open(&p) else {
+            let Ok(file) = self.guard.open_known(&p) else {
                 continue;
             };
             if fp_matches(&file, fp_len, fp) {

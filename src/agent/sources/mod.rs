@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod file;
+pub mod guard;
 pub mod journald;
 pub mod syslog;
 
